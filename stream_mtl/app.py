@@ -1,0 +1,276 @@
+"""Build the Faust app of a topology: the ingest service, the trainer agent, tables and timers.
+
+Data flow (see ``shared/DESIGN.md``)::
+
+    <app>.events ─ingest service─► <app>.dlq                  (bad records, original bytes + reason)
+                        │  features in the ``features`` table (one write per key per batch)
+                        └────────► <app>.task.<name>          (one batch frame per task per poll)
+    <app>.task.*  ─trainer agent─► <app>.predictions          (predict-then-learn)
+    metrics timer ───────────────► <app>.metrics              (per-task prequential metrics)
+
+The ingest side reads the source topic in batches with an aiokafka consumer that runs as a
+Faust service under the app's lifecycle (Faust's own per-message dispatch would cap it at
+~10k events/s); every internal topic carries batches. Agents stay thin: they call the plain
+functions of :mod:`stream_mtl.pipeline` and :mod:`stream_mtl.trainer`.
+
+Commit order in the ingest service, per polled batch (at-least-once):
+  1. send dead letters and task batches, 2. write coalesced feature-table updates,
+  3. wait for every send to be acknowledged, 4. commit the source offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+import torch
+from mode import Service
+
+from stream_mtl.codec import decode_batch, encode_batch
+from stream_mtl.log import get_logger
+from stream_mtl.pipeline import IngestStage, feature_key
+from stream_mtl.settings import Settings
+from stream_mtl.topics import FEATURE_TABLE, TopicNames
+from stream_mtl.topology import Topology
+from stream_mtl.trainer import Trainer
+
+log = get_logger(__name__)
+
+__all__ = ["Pipeline", "build_app"]
+
+#: Train as soon as no task batch has arrived for this long (a quiet stream still learns).
+IDLE_TRAIN_AFTER_S = 0.2
+#: Rounds kept while waiting for their remaining task batches (bounded).
+MAX_OPEN_ROUNDS = 256
+
+
+class Pipeline:
+    """One worker's pipeline: the Faust app plus the state its agents share."""
+
+    def __init__(self, topology: Topology, settings: Settings):
+        self.topology = topology
+        self.settings = settings
+        self.names = TopicNames(topology, settings.app_id)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.ingest = IngestStage(topology)
+        self.trainer = Trainer(topology)
+        self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
+        self.started_at = time.time()
+        self.first_event_at: float | None = None
+        self.last_batch_at = 0.0
+        self._rounds: dict[str, int] = {}
+        self.send_time = 0.0
+        self.app = self._build_app()
+
+    # -- the Faust app -------------------------------------------------------------------------
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        app = faust.App(
+            self.names.app_id,
+            broker=f"kafka://{s.bootstrap}",
+            store="memory://",
+            datadir=str(s.data_dir / f"{self.names.app_id}-{os.getpid()}"),
+            web_enabled=False,
+            autodiscover=False,
+            topic_partitions=self.topology.partitions,
+            topic_replication_factor=1,
+            topic_allow_declare=False,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.session_timeout,
+            broker_heartbeat_interval=min(3.0, s.session_timeout / 4),
+            broker_rebalance_timeout=max(2 * s.session_timeout, 4.0),
+            broker_commit_interval=s.commit_interval,
+            producer_linger=0.005,
+            producer_max_request_size=8 * 1024 * 1024,
+            consumer_max_fetch_size=8 * 1024 * 1024,
+        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.source_topic = app.topic(self.names.source, **raw)
+        self.dlq_topic = app.topic(self.names.dlq, **raw)
+        self.task_topics = {t.name: app.topic(self.names.task(t.name), **raw) for t in self.topology.tasks}
+        self.predictions_topic = app.topic(self.names.predictions, **raw)
+        self.metrics_topic = app.topic(self.names.metrics, **raw)
+        self.features = app.Table(
+            FEATURE_TABLE,
+            default=None,
+            partitions=self.topology.partitions,
+            use_partitioner=True,  # written from the ingest service, outside stream iteration
+            key_type=str,
+            value_type=dict,
+        )
+        train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
+
+        @app.agent(train_in, name=f"{self.names.app_id}.trainer")
+        async def trainer_agent(stream: faust.StreamT) -> None:
+            async for value in stream:
+                await self.on_task_batch(value)
+
+        @app.timer(self.settings.metrics_interval)
+        async def publish_metrics() -> None:
+            self.train_if_idle()
+            await self.publish_metrics()
+
+        pipeline = self
+
+        class IngestService(Service):
+            """Reads the source topic in batches and runs decode → validate → features → route."""
+
+            async def on_start(self) -> None:
+                await pipeline.start_ingest()
+
+            @Service.task
+            async def _ingest_loop(self) -> None:
+                await pipeline.ingest_loop(self)
+
+            async def on_stop(self) -> None:
+                await pipeline.stop_ingest()
+
+        app.service(IngestService)
+        return app
+
+    # -- ingest ----------------------------------------------------------------------------------
+    async def start_ingest(self) -> None:
+        from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+
+        pipeline = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                for tp in assigned:
+                    key = feature_key(tp.topic, tp.partition)
+                    pipeline.ingest.load_state(key, pipeline.features.get(key))
+                log.info("ingest.assigned", partitions=sorted(tp.partition for tp in assigned))
+
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap,
+            group_id=f"{self.names.app_id}.ingest",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(s.session_timeout * 1000),
+            heartbeat_interval_ms=int(min(3.0, s.session_timeout / 4) * 1000),
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([self.names.source], listener=Listener())
+
+    async def stop_ingest(self) -> None:
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            await consumer.stop()
+
+    async def ingest_loop(self, service: Service) -> None:
+        consumer = self._consumer
+        max_records = self.topology.ingest_batch
+        seq = 0
+        while not service.should_stop:
+            data = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            if not data:
+                continue
+            if self.first_event_at is None:
+                self.first_event_at = time.time()
+            records = [r for recs in data.values() for r in recs]
+            out = self.ingest.process(records)
+            t0 = time.perf_counter()
+            seq += 1
+            round_id = f"{self.worker_id}:{seq}"
+            futures = []
+            for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
+                futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
+            for batch in out.batches:  # 1. one frame per task
+                batch.round = round_id
+                batch.round_size = len(out.batches)
+                futures.append(
+                    await self.task_topics[batch.task].send(key=batch.task.encode(), value=encode_batch(batch))
+                )
+            for key, state in out.table_updates.items():  # 2. coalesced feature-table writes
+                self.features[key] = state
+            if futures:  # 3. every effect acknowledged …
+                await asyncio.gather(*futures)
+            # 4. … before the source offsets are committed
+            await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in data.items()})
+            self.send_time += time.perf_counter() - t0
+            if out.dead:
+                log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
+
+    # -- trainer ---------------------------------------------------------------------------------
+    async def on_task_batch(self, value: bytes) -> None:
+        """Predict, emit predictions, buffer; train once a round of task batches is complete."""
+        batch = decode_batch(value)
+        self.last_batch_at = time.monotonic()
+        rows = self.trainer.observe(batch)
+        t0 = time.perf_counter()
+        fut = await self.predictions_topic.send(key=batch.task.encode(), value=orjson.dumps(rows))
+        await fut  # the prediction is on Kafka before this message is acknowledged
+        self.send_time += time.perf_counter() - t0
+        self.predicted[batch.task] += len(rows)
+        if (
+            self._round_complete(batch.round, batch.round_size)
+            or self.trainer.pending() >= self.topology.buffer_size // 2
+        ):
+            self.trainer.train()
+
+    def _round_complete(self, round_id: str, size: int) -> bool:
+        if not round_id or size <= 1:
+            return True
+        seen = self._rounds.get(round_id, 0) + 1
+        if seen >= size:
+            self._rounds.pop(round_id, None)
+            return True
+        self._rounds[round_id] = seen
+        while len(self._rounds) > MAX_OPEN_ROUNDS:
+            self._rounds.pop(next(iter(self._rounds)))
+        return False
+
+    def train_if_idle(self) -> None:
+        if self.trainer.pending() and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
+            self.trainer.train()
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        ing = self.ingest
+        snap = self.trainer.snapshot()
+        return {
+            "worker": self.worker_id,
+            "ts": time.time(),
+            "started_at": self.started_at,
+            "first_event_at": self.first_event_at,
+            "records": ing.records,
+            "events": ing.valid,
+            "dlq": ing.dead,
+            "predicted": dict(self.predicted),
+            "pending": self.trainer.pending(),
+            **snap,
+            "timings_s": {**ing.timings, **self.trainer.timings, "send": self.send_time},
+        }
+
+    async def publish_metrics(self) -> None:
+        snap = self.snapshot()
+        body = orjson.dumps(snap)
+        await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
+        if self.settings.run_dir is not None:
+            write_json_atomic(self.settings.run_dir / "metrics.json", snap)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file and rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+def build_app(topology: Topology, settings: Settings) -> Pipeline:
+    """The pipeline (and its Faust app, ``.app``) of a topology."""
+    torch.set_num_threads(settings.torch_threads)
+    return Pipeline(topology, settings)

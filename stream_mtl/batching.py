@@ -1,0 +1,198 @@
+"""Bounded per-task buffers and the samplers that mix them into mini-batches.
+
+>>> s = TemperatureSampler(temperature=1.0)          # proportional
+>>> s.allocate({"a": 300, "b": 100, "c": 0}, 8)
+{'a': 6, 'b': 2, 'c': 0}
+>>> TemperatureSampler(temperature=float("inf")).allocate({"a": 300, "b": 100}, 8)   # uniform
+{'a': 4, 'b': 4}
+>>> TemperatureSampler(temperature=2.0).allocate({"a": 900, "b": 100}, 8)  # p ~ n^(1/T)
+{'a': 6, 'b': 2}
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_mtl.topology import SamplerSpec
+
+__all__ = [
+    "MixedBatch",
+    "TaskBuffer",
+    "TaskSampler",
+    "TemperatureSampler",
+    "assemble",
+    "make_sampler",
+]
+
+
+class TaskBuffer:
+    """A bounded FIFO of one task's examples, stored in chunks (no per-row Python objects).
+
+    When full, the oldest examples are dropped and counted in :attr:`dropped`.
+
+    >>> b = TaskBuffer(capacity=3)
+    >>> b.push(np.zeros((2, 1), np.float32), np.zeros((2, 1), np.float32))
+    >>> b.push(np.ones((2, 1), np.float32), np.ones((2, 1), np.float32))
+    >>> len(b), b.dropped, b.pop(2)[0].ravel().tolist()
+    (3, 1, [0.0, 1.0])
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._chunks: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._size = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Append examples ``x [n, d]`` with targets ``y [n, k]``."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        if n > self.capacity:
+            self.dropped += n - self.capacity
+            x, y, n = x[-self.capacity :], y[-self.capacity :], self.capacity
+        self._chunks.append((x, y))
+        self._size += n
+        while self._size > self.capacity:
+            over = self._size - self.capacity
+            cx, cy = self._chunks[0]
+            if cx.shape[0] <= over:
+                self._chunks.popleft()
+                self._size -= cx.shape[0]
+                self.dropped += cx.shape[0]
+            else:
+                self._chunks[0] = (cx[over:], cy[over:])
+                self._size -= over
+                self.dropped += over
+
+    def pop(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remove and return the ``k`` oldest examples (fewer if the buffer holds fewer)."""
+        xs, ys = [], []
+        while k > 0 and self._chunks:
+            cx, cy = self._chunks[0]
+            if cx.shape[0] <= k:
+                self._chunks.popleft()
+                xs.append(cx)
+                ys.append(cy)
+                k -= cx.shape[0]
+                self._size -= cx.shape[0]
+            else:
+                xs.append(cx[:k])
+                ys.append(cy[:k])
+                self._chunks[0] = (cx[k:], cy[k:])
+                self._size -= k
+                k = 0
+        if not xs:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        if len(xs) == 1:
+            return xs[0], ys[0]
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+class TaskSampler:
+    """Base class: decides how many examples of each task go into the next mini-batch."""
+
+    def weights(self, sizes: dict[str, int]) -> dict[str, float]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    _credit: dict[str, float] | None = None
+
+    def allocate(self, sizes: dict[str, int], batch_size: int) -> dict[str, int]:
+        """Counts per task summing to ``min(batch_size, total available)``, never above a size.
+
+        Fractions left over by rounding are carried to the next call, so over many batches each
+        task gets exactly its share (no task is starved by always being rounded down).
+        """
+        if self._credit is None:
+            self._credit = {}
+        credit = self._credit
+        counts = {t: 0 for t in sizes}
+        remaining = min(batch_size, sum(sizes.values()))
+        while remaining > 0:
+            avail = {t: n - counts[t] for t, n in sizes.items() if n - counts[t] > 0}
+            w = self.weights(avail)
+            total = sum(w.values())
+            score = {t: remaining * w[t] / total + credit.get(t, 0.0) for t in avail}
+            give = {t: max(0, min(math.floor(score[t]), avail[t])) for t in avail}
+            over = sum(give.values()) - remaining
+            for t in sorted(avail, key=lambda t: (score[t] - give[t], t)):  # trim if credit overshot
+                if over <= 0:
+                    break
+                if give[t] > 0:
+                    give[t] -= 1
+                    over -= 1
+            left = remaining - sum(give.values())
+            for t in sorted(avail, key=lambda t: (-(score[t] - give[t]), t)):
+                if left <= 0:
+                    break
+                if give[t] < avail[t]:
+                    give[t] += 1
+                    left -= 1
+            for t, g in give.items():
+                counts[t] += g
+                credit[t] = max(-1.0, min(1.0, score[t] - g))
+            given = sum(give.values())
+            if given == 0:  # pragma: no cover - defensive
+                break
+            remaining -= given
+        return counts
+
+
+class TemperatureSampler(TaskSampler):
+    """``p_t ∝ n_t^(1/T)``: T=1 proportional, T→∞ uniform, T>1 flattens towards rare tasks."""
+
+    def __init__(self, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = temperature
+
+    def weights(self, sizes: dict[str, int]) -> dict[str, float]:
+        if math.isinf(self.temperature):
+            return {t: 1.0 for t, n in sizes.items() if n > 0}
+        inv = 1.0 / self.temperature
+        return {t: float(n) ** inv for t, n in sizes.items() if n > 0}
+
+
+def make_sampler(spec: SamplerSpec) -> TaskSampler:
+    """The sampler a topology declares."""
+    if spec.kind == "uniform":
+        return TemperatureSampler(float("inf"))
+    if spec.kind == "temperature":
+        return TemperatureSampler(spec.temperature)
+    return TemperatureSampler(1.0)
+
+
+@dataclass
+class MixedBatch:
+    """One mini-batch mixing tasks: ``task_idx[i]`` says which task row ``i`` belongs to."""
+
+    x: np.ndarray  # float32 [B, d]
+    y: np.ndarray  # float32 [B, k_max]  (multiclass: class index in column 0)
+    task_idx: np.ndarray  # int64 [B]
+    counts: dict[str, int]
+
+
+def assemble(
+    buffers: dict[str, TaskBuffer], counts: dict[str, int], task_index: dict[str, int], k_max: int
+) -> MixedBatch:
+    """Pop ``counts`` examples from each buffer into one :class:`MixedBatch`."""
+    xs, ys, ts = [], [], []
+    for task, k in counts.items():
+        if k <= 0:
+            continue
+        x, y = buffers[task].pop(k)
+        if y.shape[1] < k_max:
+            y = np.pad(y, ((0, 0), (0, k_max - y.shape[1])))
+        xs.append(x)
+        ys.append(y)
+        ts.append(np.full(x.shape[0], task_index[task], dtype=np.int64))
+    return MixedBatch(np.concatenate(xs), np.concatenate(ys), np.concatenate(ts), counts)

@@ -1,0 +1,109 @@
+"""The ``stream-mtl`` command: worker, produce, demo, broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stream_mtl.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Streaming online multi-task learning on Kafka.")
+
+TopologyOpt = Annotated[str, typer.Option("--topology", "-t", help="topology name (topologies/<name>), folder or file")]
+BrokerOpt = Annotated[
+    Optional[str], typer.Option("--broker", "-b", envvar="STREAM_MTL_BROKER", help="kafka://host:port")
+]
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def worker(
+    topology: TopologyOpt,
+    broker: BrokerOpt = None,
+    app_id: Annotated[Optional[str], typer.Option(help="topic/group prefix (default: topology name)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="write metrics.json here every interval")] = None,
+    session_timeout: Annotated[Optional[float], typer.Option(help="consumer-group session timeout, s")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING …")] = "WARNING",
+) -> None:
+    """Run a long-lived worker of a topology (Ctrl-C / SIGTERM stops it cleanly)."""
+    import faust
+
+    from stream_mtl.app import build_app
+    from stream_mtl.topics import TopicNames, create_topics
+    from stream_mtl.topology import load_topology
+
+    topo = load_topology(topology)
+    settings = _settings(
+        broker=broker, app_id=app_id, run_dir=run_dir, session_timeout=session_timeout, log_level=log_level
+    )
+    asyncio.run(create_topics(settings.bootstrap, TopicNames(topo, settings.app_id).all()))
+    pipeline = build_app(topo, settings)
+    faust.Worker(pipeline.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def produce(
+    topology: TopologyOpt,
+    broker: BrokerOpt = None,
+    app_id: Annotated[Optional[str], typer.Option(help="topic prefix (default: topology name)")] = None,
+    malformed: Annotated[int, typer.Option(help="malformed records to mix in")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="send at most this many events")] = None,
+) -> None:
+    """Replay the topology's data set onto its source topic."""
+    from stream_mtl.produce import produce_events
+    from stream_mtl.topics import TopicNames, create_topics
+    from stream_mtl.topology import load_producer, load_topology
+
+    topo = load_topology(topology)
+    settings = _settings(broker=broker, app_id=app_id)
+    names = TopicNames(topo, settings.app_id)
+    asyncio.run(create_topics(settings.bootstrap, names.all()))
+    t0 = time.time()
+    rep = asyncio.run(
+        produce_events(
+            settings.bootstrap, names.source, load_producer(topology)(), topo, malformed=malformed, limit=limit
+        )
+    )
+    typer.echo(f"sent {rep.events} events + {rep.malformed} malformed to {names.source} in {time.time() - t0:.2f}s")
+
+
+@app.command()
+def demo(
+    topology: TopologyOpt = "yeast",
+    broker: BrokerOpt = None,
+    malformed: Annotated[int, typer.Option(help="malformed records to mix in (they go to the DLQ)")] = 5,
+    run_dir: Annotated[Path, typer.Option(help="where metrics.json and report.md go")] = Path("runs/latest"),
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600.0,
+    limit: Annotated[Optional[int], typer.Option(help="replay at most this many events")] = None,
+) -> None:
+    """Run the job end to end: embedded broker (unless --broker), a worker, the producer, a report."""
+    from stream_mtl.demo import run_demo
+
+    run_demo(topology, broker=broker, malformed=malformed, run_dir=run_dir, timeout=timeout, limit=limit)
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: a free one)")] = 0) -> None:
+    """Run the embedded Tansu broker in the foreground (memory storage, loopback only)."""
+    from stream_mtl.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=port or None) as b:
+        typer.echo(f"broker on {b.url} (STREAM_MTL_BROKER={b.url}); Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app()

@@ -1,0 +1,176 @@
+"""Decode and validate raw source records; bad ones become dead letters, never silent drops.
+
+The validator is compiled once from the topology's event schema. Feature inputs are required;
+label fields may be missing or null (the task is then masked for that event) but must have the
+declared type when present.
+
+>>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
+>>> topo = Topology(name="toy", schema=EventSchema(fields={"x": "float", "y": "bool"}),
+...                 features=[FeatureSpec(name="n", inputs=["x"])],
+...                 tasks=[TaskSpec(name="t", kind="binary", label="y")])
+>>> v = EventValidator(topo)
+>>> v.check({"id": "e1", "x": 1.5, "y": True}) is None
+True
+>>> v.check({"id": "e2", "x": "1.5"})
+"field 'x': expected float, got str"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from stream_mtl.topology import Topology
+
+__all__ = ["DeadLetter", "EventValidator", "IngestResult", "SourceRecord", "ingest_records"]
+
+
+class SourceRecord(Protocol):
+    """What ingest needs of a consumed record (aiokafka's ``ConsumerRecord`` fits)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class DeadLetter:
+    """A record that could not be processed, with the original bytes and why."""
+
+    value: bytes | None
+    key: bytes | None
+    stage: str
+    error_class: str
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Kafka headers naming stage, error class, reason and source position."""
+        return [
+            ("stage", self.stage.encode()),
+            ("error_class", self.error_class.encode()),
+            ("reason", self.reason.encode()),
+            ("source_topic", self.topic.encode()),
+            ("source_partition", str(self.partition).encode()),
+            ("source_offset", str(self.offset).encode()),
+        ]
+
+
+@dataclass
+class IngestResult:
+    """Valid events (with their source positions) and dead letters from one batch."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    positions: list[tuple[str, int, int]] = field(default_factory=list)  # (topic, partition, offset)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+def _is_number(v: object) -> bool:
+    return (type(v) is float or type(v) is int) and v == v  # excludes bool and NaN
+
+
+def _type_name(v: object) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+class EventValidator:
+    """Checks one decoded event against the topology's schema; returns a reason or None."""
+
+    def __init__(self, topology: Topology):
+        schema = topology.schema
+        self.id_field = schema.id_field
+        self.required = topology.feature_inputs
+        self.required_types = [schema.fields[f] for f in self.required]
+        self.optional: list[tuple[str, str]] = [
+            (name, typ) for name, typ in schema.fields.items() if name not in set(self.required)
+        ]
+        self.labels = {t.label: t for t in topology.tasks}
+
+    def check(self, ev: object) -> str | None:
+        """``None`` when the event is valid, else a human-readable reason naming the field."""
+        if type(ev) is not dict:
+            return f"event must be a JSON object, got {_type_name(ev)}"
+        eid = ev.get(self.id_field)
+        if type(eid) is not str and type(eid) is not int:
+            return f"field {self.id_field!r}: expected a string or integer event id, got {_type_name(eid)}"
+        for name, typ in zip(self.required, self.required_types, strict=True):
+            if name not in ev:
+                return f"field {name!r}: missing"
+            v = ev[name]
+            if typ == "bool":
+                if type(v) is not bool:
+                    return f"field {name!r}: expected bool, got {_type_name(v)}"
+            elif not _is_number(v):
+                return f"field {name!r}: expected {typ}, got {_type_name(v)}"
+        for name, typ in self.optional:
+            v = ev.get(name)
+            if v is None:
+                continue
+            reason = self._check_optional(name, typ, v)
+            if reason:
+                return reason
+        return None
+
+    def _check_optional(self, name: str, typ: str, v: object) -> str | None:
+        task = self.labels.get(name)
+        if task is not None:
+            kind = task.kind
+            if kind == "binary" and not (type(v) is bool or (type(v) is int and v in (0, 1))):
+                return f"field {name!r}: label of binary task {task.name!r} must be a bool or 0/1, got {v!r}"
+            if kind == "regression" and not _is_number(v):
+                return f"field {name!r}: label of regression task {task.name!r} must be a number, got {_type_name(v)}"
+            if kind == "multiclass" and not (type(v) is int and 0 <= v < (task.n_classes or 2)):
+                return f"field {name!r}: label of multiclass task {task.name!r} must be an int in [0, {task.n_classes})"
+            if kind == "multilabel" and not (
+                type(v) is list and len(v) == task.output_dim and all(x in (0, 1) for x in v)
+            ):
+                return f"field {name!r}: label of multilabel task {task.name!r} must be a 0/1 list of {task.output_dim}"
+            return None
+        if typ == "str" and type(v) is not str:
+            return f"field {name!r}: expected str, got {_type_name(v)}"
+        if typ == "bool" and type(v) is not bool:
+            return f"field {name!r}: expected bool, got {_type_name(v)}"
+        if typ in ("float", "int") and not _is_number(v):
+            return f"field {name!r}: expected {typ}, got {_type_name(v)}"
+        return None
+
+
+def ingest_records(records: Iterable[SourceRecord], validator: EventValidator) -> IngestResult:
+    """Decode (orjson) and validate a batch of source records."""
+    out = IngestResult()
+    loads = orjson.loads
+    check = validator.check
+    for rec in records:
+        raw = rec.value
+        try:
+            ev = loads(raw) if raw is not None else None
+        except orjson.JSONDecodeError as exc:
+            out.dead.append(
+                DeadLetter(
+                    raw,
+                    rec.key,
+                    "ingest",
+                    "JSONDecodeError",
+                    f"invalid JSON: {exc}",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                )
+            )
+            continue
+        reason = "empty message value" if raw is None else check(ev)
+        if reason is not None:
+            out.dead.append(
+                DeadLetter(raw, rec.key, "validate", "SchemaError", reason, rec.topic, rec.partition, rec.offset)
+            )
+            continue
+        out.events.append(ev)  # type: ignore[arg-type]
+        out.positions.append((rec.topic, rec.partition, rec.offset))
+    return out

@@ -1,0 +1,121 @@
+"""The multi-task torch model: a shared trunk, one head per task, masked per-task losses.
+
+A task with ``depends_on`` receives its upstream heads' outputs (optionally detached) next
+to the trunk features; heads run in dependency order.
+
+>>> import torch
+>>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology, ModelSpec
+>>> topo = Topology(name="toy", schema=EventSchema(fields={"x": "float", "a": "bool", "b": "float"}),
+...                 features=[FeatureSpec(name="n", inputs=["x"])], model=ModelSpec(trunk=[8]),
+...                 tasks=[TaskSpec(name="a", kind="binary", label="a"),
+...                        TaskSpec(name="b", kind="regression", label="b", depends_on=["a"])])
+>>> m = MTLModel(topo)
+>>> out = m(torch.zeros(4, 1))
+>>> {k: tuple(v.shape) for k, v in out.items()}
+{'a': (4, 1), 'b': (4, 1)}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stream_mtl.topology import TaskSpec, Topology
+
+__all__ = ["MTLModel", "masked_task_losses", "task_loss"]
+
+
+def _activation(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    if task.kind in ("binary", "multilabel"):
+        return torch.sigmoid(logits)
+    if task.kind == "multiclass":
+        return torch.softmax(logits, dim=-1)
+    return logits
+
+
+class MTLModel(nn.Module):
+    """Shared MLP trunk + one linear head per task, wired by the task dependency graph."""
+
+    def __init__(self, topology: Topology):
+        super().__init__()
+        spec = topology.model
+        layers: list[nn.Module] = []
+        width = topology.input_dim
+        for size in spec.trunk:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            if spec.dropout:
+                layers.append(nn.Dropout(spec.dropout))
+            width = size
+        self.trunk = nn.Sequential(*layers)
+        self.tasks = {t.name: t for t in topology.tasks}
+        self.order = topology.task_order()
+        self.detach_dependencies = spec.detach_dependencies
+        self.heads = nn.ModuleDict()
+        for name in self.order:
+            task = self.tasks[name]
+            extra = sum(self.tasks[d].output_dim for d in task.depends_on)
+            self.heads[name] = nn.Linear(width + extra, task.output_dim)
+
+    def required(self, tasks: list[str]) -> list[str]:
+        """``tasks`` plus everything they depend on, in dependency order."""
+        need: set[str] = set()
+        stack = list(tasks)
+        while stack:
+            t = stack.pop()
+            if t not in need:
+                need.add(t)
+                stack.extend(self.tasks[t].depends_on)
+        return [t for t in self.order if t in need]
+
+    def forward(self, x: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits per task (all tasks, or ``tasks`` and their dependencies)."""
+        h = self.trunk(x)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.required(tasks) if tasks is not None else self.order:
+            deps = self.tasks[name].depends_on
+            if deps:
+                ups = [_activation(self.tasks[d], out[d]) for d in deps]
+                if self.detach_dependencies:
+                    ups = [u.detach() for u in ups]
+                inp = torch.cat([h, *ups], dim=-1)
+            else:
+                inp = h
+            out[name] = self.heads[name](inp)
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Probabilities (classification) or values (regression) of one task."""
+        return _activation(self.tasks[task], self.forward(x, [task])[task])
+
+
+def task_loss(task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean loss of one task over its rows; ``y`` is ``[n, k]`` (multiclass: index in column 0)."""
+    if task.loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, y[:, : logits.shape[1]])
+    if task.loss == "ce":
+        return F.cross_entropy(logits, y[:, 0].long())
+    if task.loss == "mse":
+        return F.mse_loss(logits[:, 0], y[:, 0])
+    if task.loss == "huber":
+        return F.huber_loss(logits[:, 0], y[:, 0])
+    if task.loss == "l1":
+        return F.l1_loss(logits[:, 0], y[:, 0])
+    raise ValueError(f"unknown loss {task.loss!r}")  # validated at load; defensive
+
+
+def masked_task_losses(
+    model: MTLModel, out: dict[str, torch.Tensor], y: torch.Tensor, task_idx: torch.Tensor, task_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per-task losses on a mixed batch: row ``i`` counts only for task ``task_idx[i]``.
+
+    A task with no row in the batch (its labels are missing) contributes nothing.
+    """
+    losses: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(task_names):
+        rows = (task_idx == i).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        losses[name] = task_loss(model.tasks[name], out[name][rows], y[rows])
+    return losses

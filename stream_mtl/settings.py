@@ -1,0 +1,40 @@
+"""Worker settings: one frozen object, read from ``STREAM_MTL_*`` environment variables.
+
+>>> s = Settings(broker="kafka://127.0.0.1:9092", session_timeout=2)
+>>> s.bootstrap, s.session_timeout
+('127.0.0.1:9092', 2.0)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_mtl.broker import parse_broker_url
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """How a worker connects and where it writes; the topology says *what* it computes."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAM_MTL_", frozen=True, extra="forbid")
+
+    broker: str = Field(default="kafka://127.0.0.1:9092", description="kafka://host:port[,host:port]")
+    app_id: str | None = Field(default=None, description="topic/group prefix; default: the topology name")
+    #: Kafka brokers refuse session timeouts below group.min.session.timeout.ms (6 s by default).
+    #: The embedded Tansu broker holds a group join for about half of it, so the demo and tests use 2 s.
+    session_timeout: float = Field(default=10.0, gt=0)
+    commit_interval: float = Field(default=1.0, gt=0, description="seconds between Faust offset commits")
+    metrics_interval: float = Field(default=1.0, gt=0, description="seconds between metric snapshots")
+    data_dir: Path = Field(default=Path(tempfile.gettempdir()) / "stream_mtl", description="Faust's local data")
+    run_dir: Path | None = Field(default=None, description="where metrics.json is written")
+    torch_threads: int = Field(default=1, ge=1, description="leave a core to the event loop")
+    log_level: str = "WARNING"
+
+    @property
+    def bootstrap(self) -> str:
+        return parse_broker_url(self.broker)

@@ -1,0 +1,77 @@
+"""Topic names of one pipeline, and creating them explicitly with their partition counts.
+
+(Auto-created topics on the embedded broker get an arbitrary partition count, so every
+topic is created up front.)
+
+>>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
+>>> topo = Topology(name="toy", schema=EventSchema(fields={"x": "float", "y": "bool"}),
+...                 features=[FeatureSpec(name="n", inputs=["x"])],
+...                 tasks=[TaskSpec(name="t", kind="binary", label="y")])
+>>> n = TopicNames(topo)
+>>> n.source, n.dlq, n.task("t"), n.predictions
+('toy.events', 'toy.dlq', 'toy.task.t', 'toy.predictions')
+"""
+
+from __future__ import annotations
+
+from stream_mtl.log import get_logger
+from stream_mtl.topology import Topology
+
+log = get_logger(__name__)
+
+__all__ = ["TopicNames", "create_topics"]
+
+FEATURE_TABLE = "features"
+
+
+class TopicNames:
+    """Every topic a pipeline reads or writes, prefixed by its app id."""
+
+    def __init__(self, topology: Topology, app_id: str | None = None):
+        self.topology = topology
+        self.app_id = app_id or topology.name
+        self.source = topology.source if topology.source else f"{self.app_id}.events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.app_id}.dlq"
+
+    def task(self, name: str) -> str:
+        return f"{self.app_id}.task.{name}"
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.app_id}.predictions"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.app_id}.metrics"
+
+    @property
+    def feature_changelog(self) -> str:
+        """Faust's name for the feature table's changelog."""
+        return f"{self.app_id}-{FEATURE_TABLE}-changelog"
+
+    def all(self) -> dict[str, int]:
+        """Topic name → partition count."""
+        p = self.topology.partitions
+        out = {self.source: p, self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p}
+        for t in self.topology.tasks:
+            out[self.task(t.name)] = p
+        return out
+
+
+async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create the topics that do not exist yet (idempotent)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
+        if new:
+            await admin.create_topics(new)
+            log.info("topics.created", count=len(new))
+    finally:
+        await admin.close()

@@ -1,0 +1,144 @@
+"""Predict-then-learn over task batches: the continual training loop, free of Kafka.
+
+:meth:`Trainer.observe` predicts a task batch with the current model (prequential: before any
+update that has seen it), scores it, and buffers it; :meth:`Trainer.train` drains the per-task
+buffers in task-mixed mini-batches chosen by the sampler. The Faust trainer agent and the test
+driver call these same methods.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
+from stream_mtl.codec import TaskBatch
+from stream_mtl.evaluation import TaskMetrics, micro_f1
+from stream_mtl.model import MTLModel, masked_task_losses
+from stream_mtl.topology import Topology
+
+__all__ = ["Trainer", "default_device"]
+
+
+def default_device() -> torch.device:
+    """CUDA when present, CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Model, optimiser, per-task buffers, sampler and prequential metrics of one topology."""
+
+    def __init__(self, topology: Topology, device: torch.device | str | None = None, seed: int = 0):
+        torch.manual_seed(seed)
+        self.topology = topology
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = MTLModel(topology).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=topology.model.lr)
+        self.task_names = [t.name for t in topology.tasks]
+        self.task_index = {name: i for i, name in enumerate(self.task_names)}
+        self.weights = {t.name: t.weight for t in topology.tasks}
+        self.k_max = max(t.output_dim for t in topology.tasks)
+        self.buffers = {t.name: TaskBuffer(topology.buffer_size) for t in topology.tasks}
+        self.sampler = make_sampler(topology.sampler)
+        self.metrics = {t.name: TaskMetrics(t) for t in topology.tasks}
+        self.steps = 0
+        self.examples_learned = 0
+        self.last_losses: dict[str, float] = {}
+        self.batch_composition: dict[str, int] = {}
+        self.spec_hash = topology.spec_hash()[:8]
+        self.timings = {"predict": 0.0, "metrics": 0.0, "learn": 0.0}
+
+    @property
+    def version(self) -> str:
+        """Model version: topology hash and optimiser step count."""
+        return f"{self.spec_hash}-{self.steps}"
+
+    def pending(self) -> int:
+        return sum(len(b) for b in self.buffers.values())
+
+    def _targets(self, batch: TaskBatch) -> np.ndarray:
+        task = self.topology.task(batch.task)
+        if task.kind == "multilabel":
+            return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), task.output_dim)
+        return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), 1)
+
+    def _decide(self, task_name: str, p: np.ndarray) -> list[Any]:
+        kind = self.topology.task(task_name).kind
+        if kind == "binary":
+            return (p[:, 0] >= 0.5).tolist()
+        if kind == "multiclass":
+            return p.argmax(axis=1).tolist()
+        if kind == "multilabel":
+            return (p >= 0.5).astype(int).tolist()
+        return p[:, 0].tolist()
+
+    def observe(self, batch: TaskBatch) -> list[dict[str, Any]]:
+        """Predict, score and buffer one task batch; returns its prediction rows."""
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32)).to(self.device)
+        self.model.eval()
+        p = self.model.predict(x, batch.task).cpu().numpy()
+        decided = self._decide(batch.task, p)
+        t1 = time.perf_counter()
+        kind = self.topology.task(batch.task).kind
+        truth = batch.y if kind != "binary" else [bool(v) for v in batch.y]
+        self.metrics[batch.task].update(truth, decided)
+        version = self.version
+        scores = p[:, 0].tolist() if p.shape[1] == 1 else p.tolist()
+        rows = [
+            {"id": eid, "task": batch.task, "prediction": dec, "score": sc, "model_version": version}
+            for eid, dec, sc in zip(batch.ids, decided, scores, strict=True)
+        ]
+        t2 = time.perf_counter()
+        self.buffers[batch.task].push(np.asarray(batch.x, dtype=np.float32), self._targets(batch))
+        self.timings["predict"] += t1 - t0
+        self.timings["metrics"] += t2 - t1
+        return rows
+
+    def step(self, batch: MixedBatch) -> dict[str, float]:
+        """One optimiser step on a mixed batch; returns the per-task losses."""
+        self.model.train()
+        x = torch.from_numpy(batch.x).to(self.device)
+        y = torch.from_numpy(batch.y).to(self.device)
+        task_idx = torch.from_numpy(batch.task_idx).to(self.device)
+        present = [t for t, k in batch.counts.items() if k > 0]
+        out = self.model(x, present)
+        losses = masked_task_losses(self.model, out, y, task_idx, self.task_names)
+        total = sum(self.weights[t] * loss for t, loss in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[union-attr]
+        self.optimizer.step()
+        self.steps += 1
+        self.examples_learned += int(batch.x.shape[0])
+        self.batch_composition = dict(batch.counts)
+        self.last_losses = {t: float(v.detach()) for t, v in losses.items()}
+        return self.last_losses
+
+    def train(self, min_pending: int = 0) -> int:
+        """Drain the buffers in mixed mini-batches while more than ``min_pending`` wait; returns steps."""
+        t0 = time.perf_counter()
+        steps = 0
+        bs = self.topology.batch_size
+        while self.pending() > min_pending:
+            sizes = {t: len(b) for t, b in self.buffers.items()}
+            counts = self.sampler.allocate(sizes, bs)
+            self.step(assemble(self.buffers, counts, self.task_index, self.k_max))
+            steps += 1
+        self.timings["learn"] += time.perf_counter() - t0
+        return steps
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per-task metrics, losses and counters (JSON-ready)."""
+        return {
+            "tasks": {name: m.values() for name, m in self.metrics.items()},
+            "micro_f1": micro_f1(self.metrics),
+            "steps": self.steps,
+            "examples_learned": self.examples_learned,
+            "model_version": self.version,
+            "losses": self.last_losses,
+            "batch_composition": self.batch_composition,
+            "buffer_dropped": {t: b.dropped for t, b in self.buffers.items()},
+        }

@@ -1,0 +1,47 @@
+"""Reading topics back in tests: every partition, from the beginning, no consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    done: Callable[[list[Any]], bool],
+    timeout: float = 120.0,
+    alive: Callable[[], bool] = lambda: True,
+) -> list[Any]:
+    """Consume ``topic`` until ``done(records)``; raises TimeoutError, or RuntimeError once not ``alive()``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = None
+        deadline = time.monotonic() + timeout
+        while not parts:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"topic {topic} never appeared")
+                await asyncio.sleep(0.2)
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        await consumer.seek_to_beginning()
+        records: list[Any] = []
+        while not done(records):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: condition not met after {len(records)} records")
+            if not alive():
+                raise RuntimeError(f"{topic}: the worker died after {len(records)} records")
+            data = await consumer.getmany(timeout_ms=500)
+            for recs in data.values():
+                records.extend(recs)
+        return records
+    finally:
+        await consumer.stop()
