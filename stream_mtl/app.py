@@ -65,7 +65,8 @@ class Pipeline:
         self.first_event_at: float | None = None
         self.last_batch_at = 0.0
         self._rounds: dict[str, int] = {}
-        self.send_time = 0.0
+        self.first_prediction_at: float | None = None
+        self.timings = {"ingest_send": 0.0, "predictions_send": 0.0}
         self.app = self._build_app()
 
     # -- the Faust app -------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Pipeline:
                 await asyncio.gather(*futures)
             # 4. … before the source offsets are committed
             await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in data.items()})
-            self.send_time += time.perf_counter() - t0
+            self.timings["ingest_send"] += time.perf_counter() - t0
             if out.dead:
                 log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
 
@@ -208,12 +209,14 @@ class Pipeline:
         """Predict, emit predictions, buffer; train once a round of task batches is complete."""
         batch = decode_batch(value)
         self.last_batch_at = time.monotonic()
-        rows = self.trainer.observe(batch)
+        preds = self.trainer.observe(batch)
         t0 = time.perf_counter()
-        fut = await self.predictions_topic.send(key=batch.task.encode(), value=orjson.dumps(rows))
+        fut = await self.predictions_topic.send(key=batch.task.encode(), value=preds.to_json())
         await fut  # the prediction is on Kafka before this message is acknowledged
-        self.send_time += time.perf_counter() - t0
-        self.predicted[batch.task] += len(rows)
+        self.timings["predictions_send"] += time.perf_counter() - t0
+        if self.first_prediction_at is None:
+            self.first_prediction_at = time.time()
+        self.predicted[batch.task] += len(preds)
         if (
             self._round_complete(batch.round, batch.round_size)
             or self.trainer.pending() >= self.topology.buffer_size // 2
@@ -251,7 +254,8 @@ class Pipeline:
             "predicted": dict(self.predicted),
             "pending": self.trainer.pending(),
             **snap,
-            "timings_s": {**ing.timings, **self.trainer.timings, "send": self.send_time},
+            "first_prediction_at": self.first_prediction_at,
+            "timings_s": {**ing.timings, **self.trainer.timings, **self.timings},
         }
 
     async def publish_metrics(self) -> None:

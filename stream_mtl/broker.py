@@ -112,6 +112,27 @@ class EmbeddedBroker:
         """Start the broker and block until it answers metadata requests."""
         if self._proc is not None:
             return self
+        self._spawn()
+        try:
+            asyncio.run(wait_for_metadata(self.bootstrap, timeout))
+        except BaseException:
+            self.stop()
+            raise
+        return self._started()
+
+    async def astart(self, timeout: float = 20.0) -> EmbeddedBroker:
+        """:meth:`start` for code already inside an event loop."""
+        if self._proc is not None:
+            return self
+        self._spawn()
+        try:
+            await wait_for_metadata(self.bootstrap, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self._started()
+
+    def _spawn(self) -> None:
         log_dir = self.log_dir or Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"tansu-{self.port}.log"
@@ -134,13 +155,12 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             env=env,
         )
-        try:
-            asyncio.run(wait_for_metadata(self.bootstrap, timeout))
-        except BaseException:
-            self.stop()
-            raise
+        self._log_path = log_path
+
+    def _started(self) -> EmbeddedBroker:
+        assert self._proc is not None
         if self._proc.poll() is not None:
-            raise BrokerError(f"tansu exited with {self._proc.returncode}; see {log_path}")
+            raise BrokerError(f"tansu exited with {self._proc.returncode}; see {self._log_path}")
         log.info("broker.started", bootstrap=self.bootstrap, pid=self._proc.pid)
         return self
 
@@ -161,6 +181,12 @@ class EmbeddedBroker:
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
 
     def __exit__(
         self,

@@ -15,13 +15,22 @@ Faust's per-message dispatch is paid once per batch, not once per event. A frame
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-__all__ = ["CodecError", "TaskBatch", "decode_batch", "dumps", "encode_batch", "loads"]
+__all__ = [
+    "CodecError",
+    "PredictionBatch",
+    "TaskBatch",
+    "decode_batch",
+    "dumps",
+    "encode_batch",
+    "loads",
+]
 
 MAGIC = b"SMT1"
 _LEN = struct.Struct(">I")
@@ -98,3 +107,49 @@ def decode_batch(data: bytes) -> TaskBatch:
         round=header.get("r", ""),
         round_size=header.get("rn", 0),
     )
+
+
+@dataclass
+class PredictionBatch:
+    """The predictions of one task batch, as written to ``<app>.predictions`` (columnar JSON).
+
+    >>> pb = PredictionBatch("t", "abc-3", ["e1", "e2"], [True, False], [0.9, 0.2])
+    >>> list(PredictionBatch.from_json(pb.to_json()).rows())[0]
+    {'id': 'e1', 'task': 't', 'prediction': True, 'score': 0.9, 'model_version': 'abc-3'}
+    """
+
+    task: str
+    model_version: str
+    ids: list[str]
+    predictions: list[Any]
+    scores: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "task": self.task,
+                "model_version": self.model_version,
+                "ids": self.ids,
+                "predictions": self.predictions,
+                "scores": self.scores,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PredictionBatch:
+        d = orjson.loads(data)
+        return cls(d["task"], d["model_version"], d["ids"], d["predictions"], d["scores"])
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """One dict per event: ``id``, ``task``, ``prediction``, ``score``, ``model_version``."""
+        for eid, pred, score in zip(self.ids, self.predictions, self.scores, strict=True):
+            yield {
+                "id": eid,
+                "task": self.task,
+                "prediction": pred,
+                "score": score,
+                "model_version": self.model_version,
+            }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
-from stream_mtl.codec import TaskBatch
+from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
 from stream_mtl.model import MTLModel, masked_task_losses
 from stream_mtl.topology import Topology
@@ -75,8 +75,8 @@ class Trainer:
             return (p >= 0.5).astype(int).tolist()
         return p[:, 0].tolist()
 
-    def observe(self, batch: TaskBatch) -> list[dict[str, Any]]:
-        """Predict, score and buffer one task batch; returns its prediction rows."""
+    def observe(self, batch: TaskBatch) -> PredictionBatch:
+        """Predict, score and buffer one task batch; returns its predictions."""
         t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32)).to(self.device)
         self.model.eval()
@@ -86,17 +86,13 @@ class Trainer:
         kind = self.topology.task(batch.task).kind
         truth = batch.y if kind != "binary" else [bool(v) for v in batch.y]
         self.metrics[batch.task].update(truth, decided)
-        version = self.version
         scores = p[:, 0].tolist() if p.shape[1] == 1 else p.tolist()
-        rows = [
-            {"id": eid, "task": batch.task, "prediction": dec, "score": sc, "model_version": version}
-            for eid, dec, sc in zip(batch.ids, decided, scores, strict=True)
-        ]
+        preds = PredictionBatch(batch.task, self.version, batch.ids, decided, scores)
         t2 = time.perf_counter()
         self.buffers[batch.task].push(np.asarray(batch.x, dtype=np.float32), self._targets(batch))
         self.timings["predict"] += t1 - t0
         self.timings["metrics"] += t2 - t1
-        return rows
+        return preds
 
     def step(self, batch: MixedBatch) -> dict[str, float]:
         """One optimiser step on a mixed batch; returns the per-task losses."""

@@ -12,6 +12,7 @@ import asyncio
 import orjson
 import pytest
 
+from stream_mtl.codec import PredictionBatch
 from stream_mtl.produce import malformed_payloads, produce_events
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_producer, load_topology
@@ -44,7 +45,7 @@ def yeast_run(broker, tmp_path_factory):
 def _pairs(records: list) -> set[tuple[str, str]]:
     out = set()
     for r in records:
-        for row in orjson.loads(r.value):
+        for row in PredictionBatch.from_json(r.value).rows():
             out.add((row["id"], row["task"]))
     return out
 
@@ -60,7 +61,7 @@ def test_every_event_is_predicted_for_every_task(broker, yeast_run) -> None:
     assert len(pairs) == want
     assert {eid for eid, _ in pairs} == {f"yeast-{i}" for i in range(N_EVENTS)}
     assert {task for _, task in pairs} == {t.name for t in TOPO.tasks}
-    row = orjson.loads(recs[-1].value)[0]
+    row = next(PredictionBatch.from_json(recs[-1].value).rows())
     assert set(row) >= {"id", "task", "prediction", "model_version"}
 
 

@@ -61,9 +61,9 @@ def test_predict_then_learn() -> None:
     x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
     batch = TaskBatch("a", [f"e{i}" for i in range(8)], x, [1.0] * 8)
     before = tr.model.predict(torch.from_numpy(x), "a").numpy()[:, 0]
-    rows = tr.observe(batch)
-    assert [r["score"] for r in rows] == before.tolist()  # predicted before any update
-    assert {r["model_version"] for r in rows} == {tr.version} and tr.steps == 0
+    preds = tr.observe(batch)
+    assert preds.scores == before.tolist()  # predicted before any update
+    assert preds.model_version == tr.version and tr.steps == 0
     assert tr.metrics["a"].n == 8
     steps = tr.train()
     assert steps == 1 and tr.pending() == 0

@@ -1,0 +1,188 @@
+"""Throughput, side by side in one process and one run, over the same N events on one topic:
+
+1. raw aiokafka ``getmany`` consumption (the input limit),
+2. a bare Faust agent, one event per iteration (what a naive Faust pipeline pays per hop),
+3. the full stream_mtl pipeline: ingest → validate → features → route → predict → learn.
+
+Prints a table (with the pipeline's per-stage cost in µs per event), worker start-up times,
+and ends with one JSON line. Usage::
+
+    .venv/bin/python benchmarks/throughput.py [--events 200000] [--tasks 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stream_mtl.app import build_app
+from stream_mtl.broker import EmbeddedBroker
+from stream_mtl.settings import Settings
+from stream_mtl.synthetic import SyntheticStream, synthetic_topology
+from stream_mtl.topics import TopicNames, create_topics
+
+
+async def produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=512 * 1024)
+    await p.start()
+    t0 = time.perf_counter()
+    futs = [await p.send(topic, v, key=k) for k, v in payloads]
+    await p.flush()
+    for f in futs:
+        await f
+    el = time.perf_counter() - t0
+    await p.stop()
+    return len(payloads) / el
+
+
+async def bench_raw(bootstrap: str, topic: str, n: int) -> float:
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await c.start()
+    got, t0 = 0, None
+    while got < n:
+        data = await c.getmany(timeout_ms=500, max_records=10_000)
+        for recs in data.values():
+            if t0 is None:
+                t0 = time.perf_counter()
+            got += len(recs)
+    el = time.perf_counter() - t0
+    await c.stop()
+    return n / el
+
+
+async def bench_bare_faust(bootstrap: str, topic: str, n: int) -> tuple[float, float]:
+    """A bare agent doing one orjson decode per event: Faust's own per-message cost."""
+    import faust
+
+    app = faust.App(
+        "bench-bare",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        autodiscover=False,
+        datadir="/tmp/stream_mtl/bench-bare",
+        broker_session_timeout=2,
+        broker_heartbeat_interval=0.5,
+        broker_rebalance_timeout=4,
+        consumer_auto_offset_reset="earliest",
+        topic_allow_declare=False,
+    )
+    src = app.topic(topic, key_serializer="raw", value_serializer="raw")
+    done = asyncio.Event()
+    st: dict[str, float] = {}
+
+    @app.agent(src)
+    async def bare(stream: Any) -> None:
+        count = 0
+        async for value in stream:
+            orjson.loads(value)
+            if count == 0:
+                st["first"] = time.perf_counter()
+            count += 1
+            if count >= n:
+                st["last"] = time.perf_counter()
+                done.set()
+
+    t_start = time.perf_counter()
+    await app.start()
+    await asyncio.wait_for(done.wait(), 600)
+    await app.stop()
+    return n / (st["last"] - st["first"]), st["first"] - t_start
+
+
+async def bench_pipeline(bootstrap: str, topo: Any, n: int, labelled: dict[str, int]) -> dict[str, Any]:
+    settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench-pipe")
+    names = TopicNames(topo, settings.app_id)
+    await create_topics(bootstrap, names.all())
+    pipe = build_app(topo, settings)
+    t_start = time.time()
+    await pipe.app.start()
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if all(pipe.predicted[t] >= k for t, k in labelled.items()) and pipe.trainer.pending() == 0:
+            break
+        await asyncio.sleep(0.01)
+    t_done = time.time()
+    snap = pipe.snapshot()
+    await pipe.app.stop()
+    el = t_done - snap["first_event_at"]
+    return {
+        "events_per_s": n / el,
+        "elapsed": el,
+        "startup_first_event": snap["first_event_at"] - t_start,
+        "startup_first_prediction": snap["first_prediction_at"] - t_start,
+        "timings": snap["timings_s"],
+        "micro_f1": snap["micro_f1"],
+        "steps": snap["steps"],
+    }
+
+
+async def main(n: int, n_tasks: int) -> dict[str, Any]:
+    gen = SyntheticStream(n_features=16, n_binary=max(n_tasks - 1, 1), n_regression=1, missing={"r0": 0.5}, seed=0)
+    topo = synthetic_topology(gen, name="bench", source="bench.source")
+    events = list(gen.events(n))
+    labelled = {t.name: sum(1 for e in events if e.get(t.label) is not None) for t in topo.tasks}
+    payloads = [(e["id"].encode(), orjson.dumps(e)) for e in events]
+    avg_bytes = sum(len(v) for _, v in payloads) / n
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, {topo.source: 1})
+        prod_rate = await produce(broker.bootstrap, topo.source, payloads)
+        raw = await bench_raw(broker.bootstrap, topo.source, n)
+        bare, bare_start = await bench_bare_faust(broker.bootstrap, topo.source, n)
+        pipe = await bench_pipeline(broker.bootstrap, topo, n, labelled)
+
+    rows = [
+        ("producer (aiokafka send)", prod_rate),
+        ("raw aiokafka getmany consume", raw),
+        ("bare Faust agent, 1 event/iteration", bare),
+        ("stream_mtl pipeline, end to end", pipe["events_per_s"]),
+    ]
+    print(f"\n{n:,} events, {avg_bytes:.0f} B each, {len(topo.tasks)} tasks, 1 partition, embedded Tansu broker\n")
+    print(f"{'what':<40} {'events/s':>12}")
+    print("-" * 53)
+    for name, rate in rows:
+        print(f"{name:<40} {rate:>12,.0f}")
+    print(f"\npipeline stages (µs per event, wall {pipe['elapsed']:.2f} s over {n:,} events):")
+    total_us = pipe["elapsed"] * 1e6 / n
+    accounted = 0.0
+    for stage, secs in pipe["timings"].items():
+        us = secs * 1e6 / n
+        accounted += us
+        print(f"  {stage:<22} {us:8.2f}")
+    print(f"  {'framework + waiting':<22} {max(total_us - accounted, 0):8.2f}")
+    print(f"  {'total':<22} {total_us:8.2f}")
+    print(
+        f"\nstart-up: bare Faust first event {bare_start:.2f} s; pipeline first event "
+        f"{pipe['startup_first_event']:.2f} s, first prediction {pipe['startup_first_prediction']:.2f} s"
+    )
+    print(f"pipeline quality: micro-F1 {pipe['micro_f1']:.3f} over binary tasks, {pipe['steps']} train steps\n")
+    result = {
+        "pipeline_events_per_s": round(pipe["events_per_s"], 1),
+        "bare_faust_events_per_s": round(bare, 1),
+        "raw_consume_per_s": round(raw, 1),
+        "ratio": round(pipe["events_per_s"] / bare, 3),
+        "ratio_to_raw": round(pipe["events_per_s"] / raw, 3),
+        "startup_first_event_s": round(pipe["startup_first_event"], 2),
+    }
+    print(orjson.dumps(result).decode())
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--tasks", type=int, default=4)
+    args = ap.parse_args()
+    asyncio.run(main(args.events, args.tasks))
