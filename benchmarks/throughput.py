@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,12 +103,21 @@ async def bench_bare_faust(bootstrap: str, topic: str, n: int) -> tuple[float, f
     return n / (st["last"] - st["first"]), st["first"] - t_start
 
 
-async def bench_pipeline(bootstrap: str, topo: Any, n: int, labelled: dict[str, int]) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_pipeline(
+    bootstrap: str, topo: Any, n: int, labelled: dict[str, int], broker_pid: int
+) -> dict[str, Any]:
     settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench-pipe")
     names = TopicNames(topo, settings.app_id)
     await create_topics(bootstrap, names.all())
     pipe = build_app(topo, settings)
     t_start = time.time()
+    cpu0 = (cpu_seconds(os.getpid()), cpu_seconds(broker_pid))
     await pipe.app.start()
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -115,6 +125,7 @@ async def bench_pipeline(bootstrap: str, topo: Any, n: int, labelled: dict[str, 
             break
         await asyncio.sleep(0.01)
     t_done = time.time()
+    cpu1 = (cpu_seconds(os.getpid()), cpu_seconds(broker_pid))
     snap = pipe.snapshot()
     await pipe.app.stop()
     el = t_done - snap["first_event_at"]
@@ -126,10 +137,12 @@ async def bench_pipeline(bootstrap: str, topo: Any, n: int, labelled: dict[str, 
         "timings": snap["timings_s"],
         "micro_f1": snap["micro_f1"],
         "steps": snap["steps"],
+        "cpu_worker_s": cpu1[0] - cpu0[0],
+        "cpu_broker_s": cpu1[1] - cpu0[1],
     }
 
 
-async def main(n: int, n_tasks: int) -> dict[str, Any]:
+async def main(n: int, n_tasks: int, only_pipeline: bool = False) -> dict[str, Any]:
     gen = SyntheticStream(n_features=16, n_binary=max(n_tasks - 1, 1), n_regression=1, missing={"r0": 0.5}, seed=0)
     topo = synthetic_topology(gen, name="bench", source="bench.source")
     events = list(gen.events(n))
@@ -139,9 +152,12 @@ async def main(n: int, n_tasks: int) -> dict[str, Any]:
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, {topo.source: 1})
         prod_rate = await produce(broker.bootstrap, topo.source, payloads)
-        raw = await bench_raw(broker.bootstrap, topo.source, n)
-        bare, bare_start = await bench_bare_faust(broker.bootstrap, topo.source, n)
-        pipe = await bench_pipeline(broker.bootstrap, topo, n, labelled)
+        if only_pipeline:  # for profiling the pipeline alone
+            raw, bare, bare_start = float("nan"), float("nan"), float("nan")
+        else:
+            raw = await bench_raw(broker.bootstrap, topo.source, n)
+            bare, bare_start = await bench_bare_faust(broker.bootstrap, topo.source, n)
+        pipe = await bench_pipeline(broker.bootstrap, topo, n, labelled, broker.pid)
 
     rows = [
         ("producer (aiokafka send)", prod_rate),
@@ -167,6 +183,10 @@ async def main(n: int, n_tasks: int) -> dict[str, Any]:
         f"\nstart-up: bare Faust first event {bare_start:.2f} s; pipeline first event "
         f"{pipe['startup_first_event']:.2f} s, first prediction {pipe['startup_first_prediction']:.2f} s"
     )
+    print(
+        f"CPU during the pipeline run (incl. start-up): worker {pipe['cpu_worker_s']:.2f} s, "
+        f"broker {pipe['cpu_broker_s']:.2f} s, wall {pipe['elapsed'] + pipe['startup_first_event']:.2f} s"
+    )
     print(f"pipeline quality: micro-F1 {pipe['micro_f1']:.3f} over binary tasks, {pipe['steps']} train steps\n")
     result = {
         "pipeline_events_per_s": round(pipe["events_per_s"], 1),
@@ -184,5 +204,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--only-pipeline", action="store_true", help="skip the baselines (for profiling)")
     args = ap.parse_args()
-    asyncio.run(main(args.events, args.tasks))
+    asyncio.run(main(args.events, args.tasks, args.only_pipeline))

@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import orjson
 import torch
 from mode import Service
 
-from stream_mtl.codec import decode_batch, encode_batch
+from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
 from stream_mtl.log import get_logger
 from stream_mtl.pipeline import IngestStage, feature_key
 from stream_mtl.settings import Settings
@@ -66,7 +68,9 @@ class Pipeline:
         self.last_batch_at = 0.0
         self._rounds: dict[str, int] = {}
         self.first_prediction_at: float | None = None
-        self.timings = {"ingest_send": 0.0, "predictions_send": 0.0}
+        self.timings = {"ingest_send": 0.0, "ingest_commit": 0.0, "predictions_send": 0.0}
+        #: the one thread that touches the model: observe, train and snapshot run there in order
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-mtl-torch")
         self.app = self._build_app()
 
     # -- the Faust app -------------------------------------------------------------------------
@@ -115,7 +119,7 @@ class Pipeline:
 
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:
-            self.train_if_idle()
+            await self.train_if_idle()
             await self.publish_metrics()
 
         pipeline = self
@@ -171,57 +175,88 @@ class Pipeline:
             await consumer.stop()
 
     async def ingest_loop(self, service: Service) -> None:
+        """Poll → process → send; a poll's offsets are committed once all its sends are acknowledged.
+
+        The acknowledgement of poll *k* is awaited after poll *k+1* has been sent, so the
+        broker round trip overlaps the next batch's work instead of stalling it.
+        """
         consumer = self._consumer
         max_records = self.topology.ingest_batch
         seq = 0
-        while not service.should_stop:
-            data = await consumer.getmany(timeout_ms=200, max_records=max_records)
-            if not data:
-                continue
-            if self.first_event_at is None:
-                self.first_event_at = time.time()
-            records = [r for recs in data.values() for r in recs]
-            out = self.ingest.process(records)
-            t0 = time.perf_counter()
-            seq += 1
-            round_id = f"{self.worker_id}:{seq}"
-            futures = []
-            for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
-                futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
-            for batch in out.batches:  # 1. one frame per task
-                batch.round = round_id
-                batch.round_size = len(out.batches)
-                futures.append(
-                    await self.task_topics[batch.task].send(key=batch.task.encode(), value=encode_batch(batch))
-                )
-            for key, state in out.table_updates.items():  # 2. coalesced feature-table writes
-                self.features[key] = state
-            if futures:  # 3. every effect acknowledged …
-                await asyncio.gather(*futures)
-            # 4. … before the source offsets are committed
-            await consumer.commit({tp: recs[-1].offset + 1 for tp, recs in data.items()})
-            self.timings["ingest_send"] += time.perf_counter() - t0
-            if out.dead:
-                log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
+        in_flight: tuple[list[Any], dict[Any, int]] | None = None
+        try:
+            while not service.should_stop:
+                data = await consumer.getmany(timeout_ms=100 if in_flight else 200, max_records=max_records)
+                if not data:
+                    if in_flight:  # quiet stream: settle what is in flight now
+                        await self._settle(*in_flight)
+                        in_flight = None
+                    continue
+                if self.first_event_at is None:
+                    self.first_event_at = time.time()
+                seq += 1
+                futures = await self._ingest_batch([r for recs in data.values() for r in recs], seq)
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in data.items()}
+                if in_flight:
+                    await self._settle(*in_flight)
+                in_flight = (futures, offsets)
+        finally:
+            if in_flight:
+                await self._settle(*in_flight)
+
+    async def _ingest_batch(self, records: list[Any], seq: int) -> list[Any]:
+        """Steps 1–2 of the commit order for one poll; returns the send futures."""
+        out = self.ingest.process(records)
+        t0 = time.perf_counter()
+        round_id = f"{self.worker_id}:{seq}"
+        futures = []
+        for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
+            futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
+        for batch in out.batches:  # 1. one frame per task
+            batch.round = round_id
+            batch.round_size = len(out.batches)
+            frame = encode_batch(batch)
+            futures.append(await self.task_topics[batch.task].send(key=batch.task.encode(), value=frame))
+        for key, state in out.table_updates.items():  # 2. coalesced feature-table writes
+            self.features[key] = state
+        self.timings["ingest_send"] += time.perf_counter() - t0
+        if out.dead:
+            log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
+        return futures
+
+    async def _settle(self, futures: list[Any], offsets: dict[Any, int]) -> None:
+        """Steps 3–4: every effect of a poll acknowledged, then its source offsets committed."""
+        t0 = time.perf_counter()
+        if futures:
+            await asyncio.gather(*futures)
+        await self._consumer.commit(offsets)
+        self.timings["ingest_commit"] += time.perf_counter() - t0
 
     # -- trainer ---------------------------------------------------------------------------------
     async def on_task_batch(self, value: bytes) -> None:
-        """Predict, emit predictions, buffer; train once a round of task batches is complete."""
+        """Predict, emit predictions, buffer; train once a round of task batches is complete.
+
+        The torch work runs in the trainer's own thread, so ingest keeps flowing meanwhile.
+        Predictions are sent without waiting: Faust flushes its producer before it commits
+        the offsets of the task batches they came from (at-least-once).
+        """
+        loop = asyncio.get_running_loop()
         batch = decode_batch(value)
         self.last_batch_at = time.monotonic()
-        preds = self.trainer.observe(batch)
+        learn = self._round_complete(batch.round, batch.round_size)
+        preds = await loop.run_in_executor(self._torch, self._observe_and_learn, batch, learn)
         t0 = time.perf_counter()
-        fut = await self.predictions_topic.send(key=batch.task.encode(), value=preds.to_json())
-        await fut  # the prediction is on Kafka before this message is acknowledged
+        await self.predictions_topic.send(key=batch.task.encode(), value=preds.to_json())
         self.timings["predictions_send"] += time.perf_counter() - t0
         if self.first_prediction_at is None:
             self.first_prediction_at = time.time()
         self.predicted[batch.task] += len(preds)
-        if (
-            self._round_complete(batch.round, batch.round_size)
-            or self.trainer.pending() >= self.topology.buffer_size // 2
-        ):
+
+    def _observe_and_learn(self, batch: TaskBatch, learn: bool) -> PredictionBatch:
+        preds = self.trainer.observe(batch)
+        if learn or self.trainer.pending() >= self.topology.buffer_size // 2:
             self.trainer.train()
+        return preds
 
     def _round_complete(self, round_id: str, size: int) -> bool:
         if not round_id or size <= 1:
@@ -235,9 +270,9 @@ class Pipeline:
             self._rounds.pop(next(iter(self._rounds)))
         return False
 
-    def train_if_idle(self) -> None:
+    async def train_if_idle(self) -> None:
         if self.trainer.pending() and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
-            self.trainer.train()
+            await asyncio.get_running_loop().run_in_executor(self._torch, self.trainer.train)
 
     # -- metrics ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -259,7 +294,7 @@ class Pipeline:
         }
 
     async def publish_metrics(self) -> None:
-        snap = self.snapshot()
+        snap = await asyncio.get_running_loop().run_in_executor(self._torch, self.snapshot)
         body = orjson.dumps(snap)
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
         if self.settings.run_dir is not None:
@@ -277,4 +312,5 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def build_app(topology: Topology, settings: Settings) -> Pipeline:
     """The pipeline (and its Faust app, ``.app``) of a topology."""
     torch.set_num_threads(settings.torch_threads)
+    sys.setswitchinterval(settings.gil_switch_interval)
     return Pipeline(topology, settings)

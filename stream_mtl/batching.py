@@ -173,19 +173,26 @@ def make_sampler(spec: SamplerSpec) -> TaskSampler:
 
 @dataclass
 class MixedBatch:
-    """One mini-batch mixing tasks: ``task_idx[i]`` says which task row ``i`` belongs to."""
+    """One mini-batch mixing tasks, stored as one contiguous block of rows per task.
+
+    ``blocks[task] == (start, stop)``: rows ``start:stop`` are that task's examples; a task
+    without a block has no label in this batch and contributes no loss.
+    """
 
     x: np.ndarray  # float32 [B, d]
     y: np.ndarray  # float32 [B, k_max]  (multiclass: class index in column 0)
-    task_idx: np.ndarray  # int64 [B]
-    counts: dict[str, int]
+    blocks: dict[str, tuple[int, int]]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {t: b - a for t, (a, b) in self.blocks.items()}
 
 
-def assemble(
-    buffers: dict[str, TaskBuffer], counts: dict[str, int], task_index: dict[str, int], k_max: int
-) -> MixedBatch:
+def assemble(buffers: dict[str, TaskBuffer], counts: dict[str, int], k_max: int) -> MixedBatch:
     """Pop ``counts`` examples from each buffer into one :class:`MixedBatch`."""
-    xs, ys, ts = [], [], []
+    xs, ys = [], []
+    blocks: dict[str, tuple[int, int]] = {}
+    start = 0
     for task, k in counts.items():
         if k <= 0:
             continue
@@ -194,5 +201,6 @@ def assemble(
             y = np.pad(y, ((0, 0), (0, k_max - y.shape[1])))
         xs.append(x)
         ys.append(y)
-        ts.append(np.full(x.shape[0], task_index[task], dtype=np.int64))
-    return MixedBatch(np.concatenate(xs), np.concatenate(ys), np.concatenate(ts), counts)
+        blocks[task] = (start, start + x.shape[0])
+        start += x.shape[0]
+    return MixedBatch(np.concatenate(xs), np.concatenate(ys), blocks)

@@ -95,6 +95,13 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int:
+        """Process id of the running broker."""
+        if self._proc is None:
+            raise BrokerError("broker is not running")
+        return self._proc.pid
+
+    @property
     def url(self) -> str:
         """``kafka://host:port``, the form the CLI takes."""
         return f"kafka://{self.bootstrap}"

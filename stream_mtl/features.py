@@ -19,9 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_mtl.topology import Topology
-
-__all__ = ["FeatureExtractor", "RunningStandardizer", "events_to_matrix"]
+__all__ = ["FeatureExtractor", "RunningStandardizer"]
 
 
 class FeatureExtractor:
@@ -80,11 +78,3 @@ class RunningStandardizer(FeatureExtractor):
         s.mean = np.asarray(state["mean"], dtype=np.float64)
         s.m2 = np.asarray(state["m2"], dtype=np.float64)
         return s
-
-
-def events_to_matrix(events: list[dict[str, Any]], topology: Topology) -> np.ndarray:
-    """The numeric feature inputs of validated events as a ``float64 [n, d]`` matrix."""
-    inputs = topology.feature_inputs
-    if not events:
-        return np.zeros((0, len(inputs)), dtype=np.float64)
-    return np.array([[ev[f] for f in inputs] for ev in events], dtype=np.float64)

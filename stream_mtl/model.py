@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from stream_mtl.topology import TaskSpec, Topology
 
-__all__ = ["MTLModel", "masked_task_losses", "task_loss"]
+__all__ = ["MTLModel", "block_losses", "task_loss"]
 
 
 def _activation(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,7 @@ class MTLModel(nn.Module):
         self.tasks = {t.name: t for t in topology.tasks}
         self.order = topology.task_order()
         self.detach_dependencies = spec.detach_dependencies
+        self._required_cache: dict[tuple[str, ...], list[str]] = {}
         self.heads = nn.ModuleDict()
         for name in self.order:
             task = self.tasks[name]
@@ -59,6 +60,10 @@ class MTLModel(nn.Module):
 
     def required(self, tasks: list[str]) -> list[str]:
         """``tasks`` plus everything they depend on, in dependency order."""
+        key = tuple(tasks)
+        hit = self._required_cache.get(key)
+        if hit is not None:
+            return hit
         need: set[str] = set()
         stack = list(tasks)
         while stack:
@@ -66,13 +71,22 @@ class MTLModel(nn.Module):
             if t not in need:
                 need.add(t)
                 stack.extend(self.tasks[t].depends_on)
-        return [t for t in self.order if t in need]
+        out = self._required_cache[key] = [t for t in self.order if t in need]
+        return out
+
+    def heads_on(self, h: torch.Tensor, task: str) -> torch.Tensor:
+        """Logits of one task from trunk features ``h`` (running its upstream heads first)."""
+        if not self.tasks[task].depends_on:
+            return self.heads[task](h)
+        return self._heads(h, self.required([task]))[task]
 
     def forward(self, x: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Logits per task (all tasks, or ``tasks`` and their dependencies)."""
-        h = self.trunk(x)
+        return self._heads(self.trunk(x), self.required(tasks) if tasks is not None else self.order)
+
+    def _heads(self, h: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for name in self.required(tasks) if tasks is not None else self.order:
+        for name in names:
             deps = self.tasks[name].depends_on
             if deps:
                 ups = [_activation(self.tasks[d], out[d]) for d in deps]
@@ -105,17 +119,17 @@ def task_loss(task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown loss {task.loss!r}")  # validated at load; defensive
 
 
-def masked_task_losses(
-    model: MTLModel, out: dict[str, torch.Tensor], y: torch.Tensor, task_idx: torch.Tensor, task_names: list[str]
+def block_losses(
+    model: MTLModel, x: torch.Tensor, y: torch.Tensor, blocks: dict[str, tuple[int, int]]
 ) -> dict[str, torch.Tensor]:
-    """Per-task losses on a mixed batch: row ``i`` counts only for task ``task_idx[i]``.
+    """Per-task losses on a mixed batch whose rows ``start:stop`` belong to one task each.
 
-    A task with no row in the batch (its labels are missing) contributes nothing.
+    The trunk runs once over all rows; each head (and the heads it depends on) only over its
+    own task's rows. A task with no block (its labels are missing) contributes nothing.
     """
+    h = model.trunk(x)
     losses: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(task_names):
-        rows = (task_idx == i).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            continue
-        losses[name] = task_loss(model.tasks[name], out[name][rows], y[rows])
+    for name, (a, b) in blocks.items():
+        logits = model.heads_on(h[a:b], name)
+        losses[name] = task_loss(model.tasks[name], logits, y[a:b])
     return losses

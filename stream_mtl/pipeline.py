@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from stream_mtl.codec import TaskBatch
-from stream_mtl.features import RunningStandardizer, events_to_matrix
+from stream_mtl.features import RunningStandardizer
 from stream_mtl.ingest import DeadLetter, EventValidator, SourceRecord, ingest_records
 from stream_mtl.routing import route
 from stream_mtl.topology import Topology
@@ -69,23 +71,24 @@ class IngestStage:
         t1 = time.perf_counter()
         out = IngestOutput(dead=res.dead, valid=len(res.events))
         # group by source partition: each partition has its own feature state
-        groups: dict[str, tuple[list[dict[str, Any]], list[tuple[str, int, int]]]] = {}
-        for ev, pos in zip(res.events, res.positions, strict=True):
-            key = feature_key(pos[0], pos[1])
-            g = groups.get(key)
+        groups: dict[tuple[str, int], tuple[list[dict[str, Any]], list[int], list[tuple[Any, ...]]]] = {}
+        for ev, (topic, partition, offset), vals in zip(res.events, res.positions, res.values, strict=True):
+            g = groups.get((topic, partition))
             if g is None:
-                g = groups[key] = ([], [])
+                g = groups[(topic, partition)] = ([], [], [])
             g[0].append(ev)
-            g[1].append(pos)
+            g[1].append(offset)
+            g[2].append(vals)
         featurised = []
-        for key, (events, positions) in groups.items():
+        for (topic, partition), (events, offsets, values) in groups.items():
+            key = feature_key(topic, partition)
             std = self._standardizer(key)
-            x = std.update_transform(events_to_matrix(events, self.topology))
+            x = std.update_transform(np.array(values, dtype=np.float64))
             out.table_updates[key] = std.state()
-            featurised.append((events, positions, x))
+            featurised.append((events, offsets, x, f"{topic}:{partition}"))
         t2 = time.perf_counter()
-        for events, positions, x in featurised:
-            out.batches.extend(route(events, positions, x, self.topology, self.feature_version))
+        for events, offsets, x, source in featurised:
+            out.batches.extend(route(events, offsets, x, self.topology, source, self.feature_version))
         t3 = time.perf_counter()
         self.timings["decode_validate"] += t1 - t0
         self.timings["features"] += t2 - t1

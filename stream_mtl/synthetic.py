@@ -97,7 +97,7 @@ def synthetic_topology(gen: SyntheticStream, name: str = "synthetic", **override
         "features": [FeatureSpec(name="num", kind="standardize", inputs=gen.features)],
         "tasks": tasks,
         "model": ModelSpec(trunk=[64, 64]),
-        "batch_size": 256,
+        "batch_size": 512,
         "ingest_batch": 2000,
     }
     params.update(overrides)

@@ -17,7 +17,7 @@ import torch
 from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
 from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
-from stream_mtl.model import MTLModel, masked_task_losses
+from stream_mtl.model import MTLModel, block_losses
 from stream_mtl.topology import Topology
 
 __all__ = ["Trainer", "default_device"]
@@ -36,7 +36,7 @@ class Trainer:
         self.topology = topology
         self.device = torch.device(device) if device is not None else default_device()
         self.model = MTLModel(topology).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=topology.model.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=topology.model.lr, fused=True)
         self.task_names = [t.name for t in topology.tasks]
         self.task_index = {name: i for i, name in enumerate(self.task_names)}
         self.weights = {t.name: t.weight for t in topology.tasks}
@@ -99,17 +99,14 @@ class Trainer:
         self.model.train()
         x = torch.from_numpy(batch.x).to(self.device)
         y = torch.from_numpy(batch.y).to(self.device)
-        task_idx = torch.from_numpy(batch.task_idx).to(self.device)
-        present = [t for t, k in batch.counts.items() if k > 0]
-        out = self.model(x, present)
-        losses = masked_task_losses(self.model, out, y, task_idx, self.task_names)
+        losses = block_losses(self.model, x, y, batch.blocks)
         total = sum(self.weights[t] * loss for t, loss in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[union-attr]
         self.optimizer.step()
         self.steps += 1
         self.examples_learned += int(batch.x.shape[0])
-        self.batch_composition = dict(batch.counts)
+        self.batch_composition = batch.counts
         self.last_losses = {t: float(v.detach()) for t, v in losses.items()}
         return self.last_losses
 
@@ -121,7 +118,7 @@ class Trainer:
         while self.pending() > min_pending:
             sizes = {t: len(b) for t, b in self.buffers.items()}
             counts = self.sampler.allocate(sizes, bs)
-            self.step(assemble(self.buffers, counts, self.task_index, self.k_max))
+            self.step(assemble(self.buffers, counts, self.k_max))
             steps += 1
         self.timings["learn"] += time.perf_counter() - t0
         return steps

@@ -81,9 +81,10 @@ def test_worker_reports_what_it_did(broker, yeast_run) -> None:
     names, _report, worker = yeast_run
 
     def complete(rs: list) -> bool:
-        return (
-            bool(rs) and orjson.loads(rs[-1].value)["pending"] == 0 and orjson.loads(rs[-1].value)["events"] == N_EVENTS
-        )
+        if not rs:
+            return False
+        last = orjson.loads(rs[-1].value)
+        return last["pending"] == 0 and all(n == N_EVENTS for n in last["predicted"].values())
 
     recs = asyncio.run(read_topic(broker.bootstrap, names.metrics, complete, 120, worker.alive))
     snap = orjson.loads(recs[-1].value)

@@ -45,7 +45,7 @@ def test_assemble_mixes_and_pads() -> None:
     bufs = {"a": TaskBuffer(10), "b": TaskBuffer(10)}
     bufs["a"].push(np.zeros((4, 2), np.float32), np.ones((4, 1), np.float32))
     bufs["b"].push(np.ones((4, 2), np.float32), np.ones((4, 3), np.float32))
-    mb = assemble(bufs, {"a": 2, "b": 3}, {"a": 0, "b": 1}, k_max=3)
+    mb = assemble(bufs, {"a": 2, "b": 3}, k_max=3)
     assert mb.x.shape == (5, 2) and mb.y.shape == (5, 3)
-    assert mb.task_idx.tolist() == [0, 0, 1, 1, 1]
+    assert mb.blocks == {"a": (0, 2), "b": (2, 5)} and mb.counts == {"a": 2, "b": 3}
     assert len(bufs["a"]) == 2 and len(bufs["b"]) == 1

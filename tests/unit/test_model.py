@@ -5,7 +5,7 @@ import torch
 
 from stream_mtl.batching import MixedBatch
 from stream_mtl.codec import TaskBatch
-from stream_mtl.model import MTLModel, masked_task_losses
+from stream_mtl.model import MTLModel, block_losses
 from stream_mtl.topology import EventSchema, FeatureSpec, ModelSpec, TaskSpec, Topology
 from stream_mtl.trainer import Trainer
 
@@ -28,12 +28,11 @@ def test_missing_label_contributes_nothing() -> None:
     model = MTLModel(TOPO)
     x = torch.randn(6, 2)
     y = torch.ones(6, 1)
-    task_idx = torch.tensor([0, 0, 0, 2, 2, 2])  # no row of task "b": its labels are missing
-    out = model(x)
-    losses = masked_task_losses(model, out, y, task_idx, ["a", "b", "r"])
+    blocks = {"a": (0, 3), "r": (3, 6)}  # no rows of task "b": its labels are missing
+    losses = block_losses(model, x, y, blocks)
     assert set(losses) == {"a", "r"}
     sum(losses.values()).backward()
-    assert model.heads["b"].weight.grad is None or torch.all(model.heads["b"].weight.grad == 0)
+    assert model.heads["b"].weight.grad is None
     assert model.heads["a"].weight.grad.abs().sum() > 0
 
 
@@ -41,13 +40,23 @@ def test_loss_only_counts_the_rows_of_its_task() -> None:
     torch.manual_seed(0)
     model = MTLModel(TOPO)
     x = torch.randn(4, 2)
-    out = model(x)
     y1 = torch.tensor([[1.0], [0.0], [5.0], [5.0]])
     y2 = torch.tensor([[1.0], [0.0], [-9.0], [123.0]])  # rows 2, 3 belong to task b: a's loss must not change
-    idx = torch.tensor([0, 0, 1, 1])
-    la = masked_task_losses(model, out, y1, idx, ["a", "b", "r"])["a"]
-    lb = masked_task_losses(model, out, y2, idx, ["a", "b", "r"])["a"]
+    blocks = {"a": (0, 2), "b": (2, 4)}
+    la = block_losses(model, x, y1, blocks)["a"]
+    lb = block_losses(model, x, y2, blocks)["a"]
     assert torch.equal(la, lb)
+    assert not torch.equal(block_losses(model, x, y1, blocks)["b"], block_losses(model, x, y2, blocks)["b"])
+
+
+def test_dependent_task_loss_matches_full_forward() -> None:
+    torch.manual_seed(0)
+    model = MTLModel(TOPO)
+    x = torch.randn(5, 2)
+    y = torch.randn(5, 1)
+    full = model(x)["r"][1:4]
+    got = block_losses(model, x, y, {"r": (1, 4)})["r"]
+    assert torch.allclose(got, torch.nn.functional.mse_loss(full[:, 0], y[1:4, 0]))
 
 
 def test_dependent_head_takes_upstream_output() -> None:
@@ -74,6 +83,6 @@ def test_predict_then_learn() -> None:
 def test_training_step_mixes_tasks() -> None:
     tr = Trainer(TOPO, device="cpu", seed=0)
     x = np.zeros((4, 2), np.float32)
-    mb = MixedBatch(x, np.ones((4, 1), np.float32), np.array([0, 1, 2, 2]), {"a": 1, "b": 1, "r": 2})
+    mb = MixedBatch(x, np.ones((4, 1), np.float32), {"a": (0, 1), "b": (1, 2), "r": (2, 4)})
     losses = tr.step(mb)
     assert set(losses) == {"a", "b", "r"} and all(np.isfinite(v) for v in losses.values())

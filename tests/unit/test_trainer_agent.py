@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from stream_mtl.app import build_app
@@ -18,7 +20,7 @@ async def test_agent_predicts_then_learns_a_round() -> None:
 
     async def capture_send(**kwargs: object) -> object:
         sent.append(kwargs["value"])  # type: ignore[arg-type]
-        fut = __import__("asyncio").get_running_loop().create_future()
+        fut = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
 
@@ -29,6 +31,10 @@ async def test_agent_predicts_then_learns_a_round() -> None:
         for task in ("y0", "y1"):
             frame = TaskBatch(task, [f"e{i}" for i in range(10)], x, [1.0] * 10, round="r", round_size=2)
             await ctx.put(encode_batch(frame))
+        for _ in range(500):  # the agent hands torch work to its thread: wait for it
+            if pipe.predicted["y1"] == 10 and pipe.trainer.steps:
+                break
+            await asyncio.sleep(0.01)
     assert pipe.predicted == {"y0": 10, "y1": 10}
     assert len(sent) == 2
     assert pipe.trainer.steps == 3 and pipe.trainer.pending() == 0  # the round was learned after both arrived
