@@ -195,7 +195,7 @@ class Pipeline:
                 if self.first_event_at is None:
                     self.first_event_at = time.time()
                 seq += 1
-                futures = await self._ingest_batch([r for recs in data.values() for r in recs], seq)
+                futures = await self._ingest_batch(data, seq)
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in data.items()}
                 if in_flight:
                     await self._settle(*in_flight)
@@ -204,9 +204,9 @@ class Pipeline:
             if in_flight:
                 await self._settle(*in_flight)
 
-    async def _ingest_batch(self, records: list[Any], seq: int) -> list[Any]:
+    async def _ingest_batch(self, data: dict[Any, list[Any]], seq: int) -> list[Any]:
         """Steps 1–2 of the commit order for one poll; returns the send futures."""
-        out = self.ingest.process(records)
+        out = self.ingest.process(data)
         t0 = time.perf_counter()
         round_id = f"{self.worker_id}:{seq}"
         futures = []

@@ -17,7 +17,6 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Protocol
@@ -66,11 +65,12 @@ class DeadLetter:
 
 @dataclass
 class IngestResult:
-    """Valid events (with their source positions) and dead letters from one batch."""
+    """Valid events of one source partition, column by column, and its dead letters."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
-    positions: list[tuple[str, int, int]] = field(default_factory=list)  # (topic, partition, offset)
+    offsets: list[int] = field(default_factory=list)
     values: list[tuple[Any, ...]] = field(default_factory=list)  # feature inputs, one tuple per event
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # optional fields (labels …), None if absent
     dead: list[DeadLetter] = field(default_factory=list)
 
 
@@ -100,7 +100,8 @@ class EventValidator:
         # fast path: one C-level itemgetter and a set of types instead of a Python loop per field
         self._get = itemgetter(*self.required) if len(self.required) > 1 else (lambda ev: (ev[self.required[0]],))
         self._numeric_only = all(t in ("float", "int") for t in self.required_types)
-        self._fast_optional = [(name, self._fast_types(name, typ)) for name, typ in self.optional]
+        self._optional_types = dict(self.optional)
+        self._fast_types_by_name = {name: self._fast_types(name, typ) | {type(None)} for name, typ in self.optional}
 
     def _fast_types(self, name: str, typ: str) -> frozenset[type]:
         task = self.labels.get(name)
@@ -121,11 +122,15 @@ class EventValidator:
         eid = ev.get(self.id_field)
         if type(eid) is not str and type(eid) is not int:
             return None
-        for name, types in self._fast_optional:
-            v = ev.get(name)
-            if v is not None and type(v) not in types:
-                return None
         return vals
+
+    def check_optional_column(self, name: str, column: list[Any]) -> list[int]:
+        """Indices of the events whose optional field ``name`` (a column of the batch) is invalid."""
+        types = self._fast_types_by_name[name]
+        if types.issuperset(map(type, column)):
+            return []
+        typ = self._optional_types[name]
+        return [i for i, v in enumerate(column) if v is not None and self._check_optional(name, typ, v)]
 
     def check(self, ev: object) -> str | None:
         """``None`` when the event is valid, else a human-readable reason naming the field."""
@@ -176,8 +181,13 @@ class EventValidator:
         return None
 
 
-def ingest_records(records: Iterable[SourceRecord], validator: EventValidator) -> IngestResult:
-    """Decode (orjson) and validate a batch of source records."""
+def ingest_records(records: list[SourceRecord], validator: EventValidator) -> IngestResult:
+    """Decode (orjson) and validate records of one source partition, in offset order.
+
+    Feature inputs are checked per event (one ``itemgetter`` and a set of types); optional fields
+    such as labels are checked per column of the batch, and only a column that holds a wrong
+    type is searched event by event.
+    """
     out = IngestResult()
     loads = orjson.loads
     fast = validator.values
@@ -202,5 +212,28 @@ def ingest_records(records: Iterable[SourceRecord], validator: EventValidator) -
             vals = tuple(ev[f] for f in validator.required)  # type: ignore[index]
         out.events.append(ev)  # type: ignore[arg-type]
         out.values.append(vals)
-        out.positions.append((rec.topic, rec.partition, rec.offset))
+        out.offsets.append(rec.offset)
+    _check_columns(out, records, validator)
     return out
+
+
+def _check_columns(out: IngestResult, records: list[SourceRecord], validator: EventValidator) -> None:
+    bad: set[int] = set()
+    for name, _typ in validator.optional:
+        column = [ev.get(name) for ev in out.events]
+        out.columns[name] = column
+        bad.update(validator.check_optional_column(name, column))
+    if not bad:
+        return
+    by_offset = {rec.offset: rec for rec in records}
+    for i in sorted(bad):
+        rec = by_offset[out.offsets[i]]
+        reason = validator.check(out.events[i]) or "invalid field"
+        out.dead.append(
+            DeadLetter(rec.value, rec.key, "validate", "SchemaError", reason, rec.topic, rec.partition, rec.offset)
+        )
+    keep = [i for i in range(len(out.events)) if i not in bad]
+    out.events = [out.events[i] for i in keep]
+    out.values = [out.values[i] for i in keep]
+    out.offsets = [out.offsets[i] for i in keep]
+    out.columns = {name: [col[i] for i in keep] for name, col in out.columns.items()}

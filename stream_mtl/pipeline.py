@@ -9,7 +9,7 @@ benchmark call the same method.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,37 +63,35 @@ class IngestStage:
             s = self.standardizers[key] = RunningStandardizer(self.topology.input_dim)
         return s
 
-    def process(self, records: Iterable[SourceRecord]) -> IngestOutput:
-        """One polled batch (any mix of partitions) → task batches, dead letters, table updates."""
+    def process(self, partitions: Mapping[Any, list[SourceRecord]]) -> IngestOutput:
+        """One poll (records grouped by source partition) → task batches, dead letters, table updates."""
+        out = IngestOutput()
+        for recs in partitions.values():
+            if recs:
+                self._process_partition(recs, out)
+        return out
+
+    def _process_partition(self, recs: list[SourceRecord], out: IngestOutput) -> None:
         t0 = time.perf_counter()
-        recs = list(records)
         res = ingest_records(recs, self.validator)
         t1 = time.perf_counter()
-        out = IngestOutput(dead=res.dead, valid=len(res.events))
-        # group by source partition: each partition has its own feature state
-        groups: dict[tuple[str, int], tuple[list[dict[str, Any]], list[int], list[tuple[Any, ...]]]] = {}
-        for ev, (topic, partition, offset), vals in zip(res.events, res.positions, res.values, strict=True):
-            g = groups.get((topic, partition))
-            if g is None:
-                g = groups[(topic, partition)] = ([], [], [])
-            g[0].append(ev)
-            g[1].append(offset)
-            g[2].append(vals)
-        featurised = []
-        for (topic, partition), (events, offsets, values) in groups.items():
+        out.dead.extend(res.dead)
+        out.valid += len(res.events)
+        self.records += len(recs)
+        self.valid += len(res.events)
+        self.dead += len(res.dead)
+        if res.events:
+            topic, partition = recs[0].topic, recs[0].partition
             key = feature_key(topic, partition)
             std = self._standardizer(key)
-            x = std.update_transform(np.array(values, dtype=np.float64))
+            x = std.update_transform(np.array(res.values, dtype=np.float64))
             out.table_updates[key] = std.state()
-            featurised.append((events, offsets, x, f"{topic}:{partition}"))
-        t2 = time.perf_counter()
-        for events, offsets, x, source in featurised:
-            out.batches.extend(route(events, offsets, x, self.topology, source, self.feature_version))
-        t3 = time.perf_counter()
+            t2 = time.perf_counter()
+            out.batches.extend(
+                route(
+                    res.events, res.offsets, x, self.topology, f"{topic}:{partition}", self.feature_version, res.columns
+                )
+            )
+            self.timings["features"] += t2 - t1
+            self.timings["route"] += time.perf_counter() - t2
         self.timings["decode_validate"] += t1 - t0
-        self.timings["features"] += t2 - t1
-        self.timings["route"] += t3 - t2
-        self.records += len(recs)
-        self.valid += out.valid
-        self.dead += len(out.dead)
-        return out

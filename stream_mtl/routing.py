@@ -34,18 +34,20 @@ def route(
     topology: Topology,
     source: str,
     feature_version: str = "",
+    columns: dict[str, list[Any]] | None = None,
 ) -> list[TaskBatch]:
     """One :class:`TaskBatch` per task that has at least one labelled event in the batch.
 
     ``events`` come from one source partition (``source`` is ``"topic:partition"``) in offset
     order, so each batch's lineage is the offset range of its first and last example.
+    ``columns`` may hold the label columns already read by validation.
     """
     id_field = topology.schema.id_field
     ids = [str(ev[id_field]) for ev in events]
     out: list[TaskBatch] = []
     for task in topology.tasks:
         label = task.label
-        labels = [ev.get(label) for ev in events]
+        labels = columns[label] if columns and label in columns else [ev.get(label) for ev in events]
         rows = [i for i, v in enumerate(labels) if v is not None]
         if not rows:
             continue

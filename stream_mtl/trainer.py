@@ -65,15 +65,15 @@ class Trainer:
             return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), task.output_dim)
         return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), 1)
 
-    def _decide(self, task_name: str, p: np.ndarray) -> list[Any]:
+    def _decide(self, task_name: str, p: np.ndarray) -> np.ndarray:
         kind = self.topology.task(task_name).kind
         if kind == "binary":
-            return (p[:, 0] >= 0.5).tolist()
+            return p[:, 0] >= 0.5
         if kind == "multiclass":
-            return p.argmax(axis=1).tolist()
+            return p.argmax(axis=1)
         if kind == "multilabel":
-            return (p >= 0.5).astype(int).tolist()
-        return p[:, 0].tolist()
+            return (p >= 0.5).astype(np.int64)
+        return p[:, 0]
 
     def observe(self, batch: TaskBatch) -> PredictionBatch:
         """Predict, score and buffer one task batch; returns its predictions."""
@@ -83,11 +83,9 @@ class Trainer:
         p = self.model.predict(x, batch.task).cpu().numpy()
         decided = self._decide(batch.task, p)
         t1 = time.perf_counter()
-        kind = self.topology.task(batch.task).kind
-        truth = batch.y if kind != "binary" else [bool(v) for v in batch.y]
-        self.metrics[batch.task].update(truth, decided)
+        self.metrics[batch.task].update(np.asarray(batch.y), decided)
         scores = p[:, 0].tolist() if p.shape[1] == 1 else p.tolist()
-        preds = PredictionBatch(batch.task, self.version, batch.ids, decided, scores)
+        preds = PredictionBatch(batch.task, self.version, batch.ids, decided.tolist(), scores)
         t2 = time.perf_counter()
         self.buffers[batch.task].push(np.asarray(batch.x, dtype=np.float32), self._targets(batch))
         self.timings["predict"] += t1 - t0

@@ -20,10 +20,27 @@ def rec(value: bytes | None, offset: int = 0) -> SimpleNamespace:
     return SimpleNamespace(topic="src", partition=2, offset=offset, key=b"k", value=value)
 
 
-def test_valid_events_pass_with_positions() -> None:
+def test_valid_events_pass_with_offsets_and_label_columns() -> None:
     evs = [{"id": "a", "x": 1.0, "k": 2, "y": True}, {"id": 7, "x": 0, "k": 1, "r": 2.5, "note": "hi", "y": None}]
     out = ingest_records([rec(orjson.dumps(e), i) for i, e in enumerate(evs)], EventValidator(TOPO))
-    assert out.events == evs and out.positions == [("src", 2, 0), ("src", 2, 1)] and not out.dead
+    assert out.events == evs and out.offsets == [0, 1] and not out.dead
+    assert out.values == [(1.0, 2), (0, 1)]
+    assert out.columns["y"] == [True, None] and out.columns["r"] == [None, 2.5]
+
+
+def test_bad_label_in_a_column_dead_letters_only_that_event() -> None:
+    evs = [
+        {"id": "a", "x": 1.0, "k": 2, "y": True},
+        {"id": "b", "x": 1.0, "k": 2, "y": "yes"},
+        {"id": "c", "x": 1.0, "k": 2, "r": 1, "note": 5},
+        {"id": "d", "x": 2.0, "k": 3, "y": 1},  # 0/1 is a valid binary label
+    ]
+    raws = [orjson.dumps(e) for e in evs]
+    out = ingest_records([rec(r, i) for i, r in enumerate(raws)], EventValidator(TOPO))
+    assert [e["id"] for e in out.events] == ["a", "d"] and out.offsets == [0, 3]
+    assert out.columns["y"] == [True, 1] and out.values == [(1.0, 2), (2.0, 3)]
+    assert [(d.offset, d.value) for d in out.dead] == [(1, raws[1]), (2, raws[2])]
+    assert "label of binary task 'y'" in out.dead[0].reason and "field 'note'" in out.dead[1].reason
 
 
 def test_reasons_name_the_field() -> None:
