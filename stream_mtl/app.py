@@ -102,7 +102,6 @@ class Pipeline:
             stream_buffer_maxsize=STREAM_BUFFER_FRAMES,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.source_topic = app.topic(self.names.source, **raw)
         self.dlq_topic = app.topic(self.names.dlq, **raw)
         self.task_topics = {t.name: app.topic(self.names.task(t.name), **raw) for t in self.topology.tasks}
         self.predictions_topic = app.topic(self.names.predictions, **raw)
@@ -113,7 +112,7 @@ class Pipeline:
             partitions=self.topology.partitions,
             use_partitioner=True,  # written from the ingest service, outside stream iteration
             key_type=str,
-            value_type=dict,
+            # values are plain JSON dicts: a value_type of dict would make recovery call dict.from_data
         )
         train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
 

@@ -10,8 +10,8 @@ reads one from a Python file and every mistake fails there with a message naming
 ...     features=[FeatureSpec(name="num", kind="standardize", inputs=["x1", "x2"])],
 ...     tasks=[TaskSpec(name="t", kind="binary", label="y")],
 ... )
->>> t.source_topic, t.tasks[0].loss, t.input_dim
-('toy.events', 'bce', 2)
+>>> t.tasks[0].loss, t.input_dim, t.task_order()
+('bce', 2, ['t'])
 >>> try:
 ...     Topology(name="bad", schema=EventSchema(fields={"x": "float"}), features=[],
 ...              tasks=[TaskSpec(name="t", kind="binary", label="nope")])
@@ -154,10 +154,6 @@ class Topology(_Frozen):
     @property
     def schema(self) -> EventSchema:  # type: ignore[override]
         return self.schema_
-
-    @property
-    def source_topic(self) -> str:
-        return self.source or f"{self.name}.events"
 
     @property
     def feature_inputs(self) -> list[str]:

@@ -37,8 +37,6 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = MTLModel(topology).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=topology.model.lr, fused=True)
-        self.task_names = [t.name for t in topology.tasks]
-        self.task_index = {name: i for i, name in enumerate(self.task_names)}
         self.weights = {t.name: t.weight for t in topology.tasks}
         self.k_max = max(t.output_dim for t in topology.tasks)
         self.buffers = {t.name: TaskBuffer(topology.buffer_size) for t in topology.tasks}
