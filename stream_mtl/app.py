@@ -168,6 +168,9 @@ class Pipeline:
             auto_offset_reset="earliest",
             session_timeout_ms=int(s.session_timeout * 1000),
             heartbeat_interval_ms=int(min(3.0, s.session_timeout / 4) * 1000),
+            # a join waits for every old member up to the rebalance timeout (aiokafka's default: 300 s,
+            # which left a restarted worker waiting for the member it replaced)
+            rebalance_timeout_ms=int(max(2 * s.session_timeout, 4.0) * 1000),
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         await self._consumer.start()
