@@ -49,7 +49,7 @@ __all__ = ["Pipeline", "build_app"]
 #: Train as soon as no task batch has arrived for this long (a quiet stream still learns).
 IDLE_TRAIN_AFTER_S = 0.2
 #: Task-batch frames Faust may buffer per stream ahead of the trainer (backpressure bound).
-STREAM_BUFFER_FRAMES = 32
+STREAM_BUFFER_FRAMES = 256
 #: Rounds kept while waiting for their remaining task batches (bounded).
 MAX_OPEN_ROUNDS = 256
 
@@ -98,7 +98,8 @@ class Pipeline:
             producer_max_request_size=8 * 1024 * 1024,
             consumer_max_fetch_size=8 * 1024 * 1024,
             # each message on an internal topic is a whole batch: buffer a few, not Faust's default 4096
-            # (4096 frames of ~130 kB would be half a GiB of backlog when the trainer is slower than ingest)
+            # (4096 frames of ~130 kB are half a GiB of backlog when the trainer is slower than ingest;
+            # 256 are ≤ 33 MiB and still hide the fetch round trip; 32 measured slower)
             stream_buffer_maxsize=STREAM_BUFFER_FRAMES,
         )
         raw = {"key_serializer": "raw", "value_serializer": "raw"}

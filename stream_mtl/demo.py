@@ -83,10 +83,10 @@ def _table(snap: dict[str, Any] | None, title: str) -> Table:
     return table
 
 
-def _progress_line(snap: dict[str, Any] | None, t0: float, expected: int) -> str:
+def _progress_line(snap: dict[str, Any] | None, expected: int) -> str:
     if not snap:
         return "waiting for the worker …"
-    el = max(time.time() - t0, 1e-9)
+    el = max(snap["ts"] - (snap.get("first_event_at") or snap["ts"]), 1e-3)  # since the worker's first event
     mf = snap.get("micro_f1")
     mf_s = f" micro-F1 {mf:.3f}" if mf is not None else ""
     return (
@@ -146,7 +146,7 @@ def run_demo(
         stack.callback(_stop_worker, proc)
         console.print(f"worker pid {proc.pid} (log: {run_dir / 'worker.log'})")
         snap, report = asyncio.run(
-            _produce_and_follow(bootstrap, names, topology, path, malformed, limit, timeout, console, proc, t_start)
+            _produce_and_follow(bootstrap, names, topology, path, malformed, limit, timeout, console, proc)
         )
         elapsed = time.time() - t_start
         _stop_worker(proc)
@@ -187,7 +187,6 @@ async def _produce_and_follow(
     timeout: float,
     console: Console,
     proc: subprocess.Popen[bytes],
-    t0: float,
 ) -> tuple[dict[str, Any], ProduceReport]:
     follower = MetricsFollower(bootstrap, names.metrics)
     await follower.start()
@@ -204,7 +203,7 @@ async def _produce_and_follow(
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {proc.returncode}; see its log")
                 snap = await follower.poll()
-                line = _progress_line(snap, t0, report.events)
+                line = _progress_line(snap, report.events)
                 if interactive:
                     live.update(_table(snap, line))
                 elif time.time() - last_line > 2:
@@ -212,7 +211,7 @@ async def _produce_and_follow(
                     last_line = time.time()
                 if snap and _finished(snap, report):
                     return snap, report
-        raise TimeoutError(f"demo did not finish within {timeout}s (last: {_progress_line(snap, t0, report.events)})")
+        raise TimeoutError(f"demo did not finish within {timeout}s (last: {_progress_line(snap, report.events)})")
     finally:
         await follower.stop()
 
