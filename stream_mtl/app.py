@@ -298,6 +298,7 @@ class Pipeline:
             "pending": self.trainer.pending(),
             **snap,
             "first_prediction_at": self.first_prediction_at,
+            "feature_state_n": {key: std.n for key, std in ing.standardizers.items()},
             "timings_s": {**ing.timings, **self.trainer.timings, **self.timings},
         }
 

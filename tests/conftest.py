@@ -45,6 +45,8 @@ class WorkerProcess:
                 self.app_id,
                 "--session-timeout",
                 "2",
+                "--log-level",
+                "INFO",
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
