@@ -56,7 +56,7 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
         return {(row["id"], row["task"]) for r in rs for row in PredictionBatch.from_json(r.value).rows()}
 
     recs = asyncio.run(
-        read_topic(broker.bootstrap, names.predictions, lambda rs: len(pairs(rs)) >= want, 240, second.alive)
+        read_topic(broker.bootstrap, names.predictions, lambda rs: len(pairs(rs)) >= want, 150, second.alive)
     )
     got = pairs(recs)
     assert len(got) == want  # every labelled example predicted at least once
@@ -71,6 +71,6 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
     def settled(rs: list) -> bool:
         return bool(rs) and orjson.loads(rs[-1].value)["pending"] == 0 and orjson.loads(rs[-1].value)["events"] > 0
 
-    snaps = asyncio.run(read_topic(broker.bootstrap, names.metrics, settled, 60, second.alive))
+    snaps = asyncio.run(read_topic(broker.bootstrap, names.metrics, settled, 40, second.alive))
     last = [orjson.loads(r.value) for r in snaps if orjson.loads(r.value)["worker"] != snap["worker"]][-1]
     assert sum(last["feature_state_n"].values()) >= N, (last["feature_state_n"], last["events"])
