@@ -99,7 +99,9 @@ def _report_md(name: str, snap: dict[str, Any], elapsed: float, startup: float |
     lines = [f"# stream_mtl demo: {name}", "", f"- events: {snap['events']}", f"- dead letters: {snap['dlq']}"]
     if snap.get("micro_f1") is not None:
         lines.append(f"- micro-F1 (prequential): {snap['micro_f1']:.4f}")
-    lines += [f"- wall time: {elapsed:.1f} s", f"- worker start → first event: {startup:.2f} s" if startup else ""]
+    lines.append(f"- wall time: {elapsed:.1f} s")
+    if startup is not None:
+        lines.append(f"- worker start → first event: {startup:.2f} s")
     lines += ["", "| task | " + " | ".join(k for k in next(iter(snap["tasks"].values()))) + " |"]
     lines.append("|" + "---|" * (1 + len(next(iter(snap["tasks"].values())))))
     for t, vals in snap["tasks"].items():
@@ -159,9 +161,7 @@ def run_demo(
     console.print(
         f"[bold green]done[/]: {snap['events']} events, {snap['dlq']} dead letters "
         f"(sent {report.malformed}), micro-F1 {mf}, {elapsed:.1f} s; "
-        f"worker start → first event {startup:.2f} s"
-        if startup
-        else ""
+        + (f"worker start → first event {startup:.2f} s" if startup is not None else "start-up time unknown")
     )
     console.print(f"report: {run_dir / 'report.md'}, metrics: {run_dir / 'metrics.json'}")
     return result
