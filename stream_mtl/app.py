@@ -35,6 +35,7 @@ import torch
 from mode import Service
 
 from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
+from stream_mtl.faust_compat import keep_subscribed
 from stream_mtl.log import get_logger
 from stream_mtl.pipeline import IngestStage, feature_key
 from stream_mtl.settings import Settings
@@ -121,6 +122,10 @@ class Pipeline:
         async def trainer_agent(stream: faust.StreamT) -> None:
             async for value in stream:
                 await self.on_task_batch(value)
+
+        @app.task
+        async def subscription_guard() -> None:
+            await keep_subscribed(app, train_in.topics)
 
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:

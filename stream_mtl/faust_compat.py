@@ -1,0 +1,50 @@
+"""Workarounds for faust-streaming 0.15 behaviour the pipeline depends on, each with its reason.
+
+Faust registers an agent's topic with the Conductor only when the agent's actor task first
+iterates its stream. The Conductor's first subscription runs once agents are "started" and
+tables are registered (about one second after start); if the actor has not iterated by then,
+the consumer joins the group without the agent's topics. A topic added in the window between
+the Conductor copying its channel set and arming its change event is never subscribed at all,
+and one added later waits the Conductor's 45 s resubscribe lock. Either way a (re)started
+worker can sit idle with its input unread. :func:`keep_subscribed` checks and repairs that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import faust
+
+from stream_mtl.log import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["keep_subscribed", "missing_subscriptions"]
+
+
+def missing_subscriptions(app: faust.App, topics: Iterable[str]) -> set[str]:
+    """Topics some channel iterates but the Conductor's last subscription did not include."""
+    wanted = set(topics)
+    registered = {name for channel in app.topics for name in channel.topics}
+    subscribed = set(getattr(app.topics, "_topic_name_index", {}))
+    return (wanted & registered) - subscribed
+
+
+async def keep_subscribed(app: faust.App, topics: Iterable[str], interval: float = 0.5) -> None:
+    """Resubscribe the app's consumer whenever an agent's topic was left out (see module doc).
+
+    Runs for the life of the app; costs a set comparison per ``interval``.
+    """
+    topics = set(topics)
+    conductor = app.topics
+    await conductor.wait_for_subscriptions()
+    while not app.should_stop:
+        await asyncio.sleep(interval)
+        if app.rebalancing:
+            continue
+        missing = missing_subscriptions(app, topics)
+        if missing:
+            log.warning("faust.resubscribe", missing=sorted(missing))
+            # the two calls the Conductor's own subscriber makes
+            await app.consumer.subscribe(await conductor._update_indices())
