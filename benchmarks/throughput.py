@@ -112,7 +112,7 @@ def cpu_seconds(pid: int) -> float:
 async def bench_pipeline(
     bootstrap: str, topo: Any, n: int, labelled: dict[str, int], broker_pid: int
 ) -> dict[str, Any]:
-    settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench-pipe")
+    settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench")
     names = TopicNames(topo, settings.app_id)
     await create_topics(bootstrap, names.all())
     pipe = build_app(topo, settings)
@@ -144,19 +144,20 @@ async def bench_pipeline(
 
 async def main(n: int, n_tasks: int, only_pipeline: bool = False) -> dict[str, Any]:
     gen = SyntheticStream(n_features=16, n_binary=max(n_tasks - 1, 1), n_regression=1, missing={"r0": 0.5}, seed=0)
-    topo = synthetic_topology(gen, name="bench", source="bench.source")
+    topo = synthetic_topology(gen, name="bench", sources=["source"])
+    source = TopicNames(topo, "bench").source  # all three read this topic
     events = list(gen.events(n))
     labelled = {t.name: sum(1 for e in events if e.get(t.label) is not None) for t in topo.tasks}
     payloads = [(e["id"].encode(), orjson.dumps(e)) for e in events]
     avg_bytes = sum(len(v) for _, v in payloads) / n
     async with EmbeddedBroker() as broker:
-        await create_topics(broker.bootstrap, {topo.source: 1})
-        prod_rate = await produce(broker.bootstrap, topo.source, payloads)
+        await create_topics(broker.bootstrap, {source: 1})
+        prod_rate = await produce(broker.bootstrap, source, payloads)
         if only_pipeline:  # for profiling the pipeline alone
             raw, bare, bare_start = float("nan"), float("nan"), float("nan")
         else:
-            raw = await bench_raw(broker.bootstrap, topo.source, n)
-            bare, bare_start = await bench_bare_faust(broker.bootstrap, topo.source, n)
+            raw = await bench_raw(broker.bootstrap, source, n)
+            bare, bare_start = await bench_bare_faust(broker.bootstrap, source, n)
         pipe = await bench_pipeline(broker.bootstrap, topo, n, labelled, broker.pid)
 
     rows = [

@@ -2,10 +2,12 @@
 
 Data flow (see ``shared/DESIGN.md``)::
 
-    <app>.events ─ingest service─► <app>.dlq                  (bad records, original bytes + reason)
-                        │  features in the ``features`` table (one write per key per batch)
-                        └────────► <app>.task.<name>          (one batch frame per task per poll)
+    <app>.<source>… ─ingest service─► <app>.dlq               (bad records, original bytes + reason)
+    <app>.labels    ─┘     │  features in the ``features`` table (one write per key per batch)
+                           └────────► <app>.task.<name>        (example and late-label frames per task)
     <app>.task.*  ─trainer agent─► <app>.predictions          (predict-then-learn)
+                               ├─► <app>.labels.expired       (late labels that found no example)
+                               └─  pending examples in the ``pending`` table (bounded, TTL per task)
     metrics timer ───────────────► <app>.metrics              (per-task prequential metrics)
 
 The ingest side reads the source topic in batches with an aiokafka consumer that runs as a
@@ -37,9 +39,9 @@ from mode import Service
 from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
 from stream_mtl.faust_compat import keep_subscribed
 from stream_mtl.log import get_logger
-from stream_mtl.pipeline import IngestStage, feature_key
+from stream_mtl.pipeline import IngestStage
 from stream_mtl.settings import Settings
-from stream_mtl.topics import FEATURE_TABLE, TopicNames
+from stream_mtl.topics import FEATURE_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
 from stream_mtl.trainer import Trainer
 
@@ -63,8 +65,9 @@ class Pipeline:
         self.settings = settings
         self.names = TopicNames(topology, settings.app_id)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
-        self.ingest = IngestStage(topology)
+        self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
         self.trainer = Trainer(topology)
+        self._pending_restored = False
         self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
         self.started_at = time.time()
         self.first_event_at: float | None = None
@@ -108,6 +111,7 @@ class Pipeline:
         self.task_topics = {t.name: app.topic(self.names.task(t.name), **raw) for t in self.topology.tasks}
         self.predictions_topic = app.topic(self.names.predictions, **raw)
         self.metrics_topic = app.topic(self.names.metrics, **raw)
+        self.expired_topic = app.topic(self.names.labels_expired, **raw)
         self.features = app.Table(
             FEATURE_TABLE,
             default=None,
@@ -115,6 +119,14 @@ class Pipeline:
             use_partitioner=True,  # written from the ingest service, outside stream iteration
             key_type=str,
             # values are plain JSON dicts: a value_type of dict would make recovery call dict.from_data
+        )
+        self.pending = app.Table(
+            PENDING_TABLE,
+            default=None,
+            partitions=self.topology.partitions,
+            use_partitioner=True,
+            key_type=str,
+            value_type=bytes,  # frames (codec) and joined-row lists, written by the trainer agent
         )
         train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
 
@@ -130,6 +142,9 @@ class Pipeline:
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:
             await self.train_if_idle()
+            if self.trainer.pending_labels.ttl:
+                loop = asyncio.get_running_loop()
+                self._write_pending(await loop.run_in_executor(self._torch, self._sweep_labels))
             await self.publish_metrics()
 
         pipeline = self
@@ -153,6 +168,7 @@ class Pipeline:
     # -- ingest ----------------------------------------------------------------------------------
     async def start_ingest(self) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+        from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
         pipeline = self
 
@@ -161,10 +177,11 @@ class Pipeline:
                 return None
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
+                items = list(pipeline.features.items())
                 for tp in assigned:
-                    key = feature_key(tp.topic, tp.partition)
-                    pipeline.ingest.load_state(key, pipeline.features.get(key))
-                log.info("ingest.assigned", partitions=sorted(tp.partition for tp in assigned))
+                    if tp.topic in pipeline.names.sources:
+                        pipeline.ingest.load_state(tp.topic, tp.partition, items)
+                log.info("ingest.assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         s = self.settings
         self._consumer = AIOKafkaConsumer(
@@ -178,9 +195,12 @@ class Pipeline:
             # which left a restarted worker waiting for the member it replaced)
             rebalance_timeout_ms=int(max(2 * s.session_timeout, 4.0) * 1000),
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            # range: partition p of every source and of the labels topic go to the same worker,
+            # so an event and its late label (same key, same partition count) meet there
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
         await self._consumer.start()
-        self._consumer.subscribe([self.names.source], listener=Listener())
+        self._consumer.subscribe([*self.names.sources, self.names.labels], listener=Listener())
 
     async def stop_ingest(self) -> None:
         consumer = getattr(self, "_consumer", None)
@@ -231,7 +251,10 @@ class Pipeline:
             frame = encode_batch(batch)
             futures.append(await self.task_topics[batch.task].send(key=batch.task.encode(), value=frame))
         for key, state in out.table_updates.items():  # 2. coalesced feature-table writes
-            self.features[key] = state
+            if state is not None:
+                self.features[key] = state
+            elif key in self.features:
+                del self.features[key]
         self.timings["ingest_send"] += time.perf_counter() - t0
         if out.dead:
             log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
@@ -249,15 +272,29 @@ class Pipeline:
     async def on_task_batch(self, value: bytes) -> None:
         """Predict, emit predictions, buffer; train once a round of task batches is complete.
 
-        The torch work runs in the trainer's own thread, so ingest keeps flowing meanwhile.
-        Predictions are sent without waiting: Faust flushes its producer before it commits
-        the offsets of the task batches they came from (at-least-once).
+        A ``labels`` frame is joined to the pending examples instead; labels that found none
+        go to ``<app>.labels.expired``. The torch work runs in the trainer's own thread, so
+        ingest keeps flowing meanwhile. Outputs are sent without waiting: Faust flushes its
+        producer before it commits the offsets of the task batches they came from (at-least-once).
         """
         loop = asyncio.get_running_loop()
         batch = decode_batch(value)
         self.last_batch_at = time.monotonic()
+        if not self._pending_restored:
+            self._pending_restored = True
+            items = [(k, v) for k, v in self.pending.items() if v]
+            if items:
+                rows = await loop.run_in_executor(self._torch, self.trainer.pending_labels.restore, items)
+                log.info("labels.pending_restored", rows=rows)
+        if batch.kind == "labels":
+            expired, changes = await loop.run_in_executor(self._torch, self._join_labels, batch)
+            for e in expired:
+                await self.expired_topic.send(key=e.id.encode(), value=e.to_json())
+            self._write_pending(changes)
+            return
         learn = self._round_complete(batch.round, batch.round_size)
-        preds = await loop.run_in_executor(self._torch, self._observe_and_learn, batch, learn)
+        preds, changes = await loop.run_in_executor(self._torch, self._observe_and_learn, batch, learn)
+        self._write_pending(changes)
         t0 = time.perf_counter()
         await self.predictions_topic.send(key=batch.task.encode(), value=preds.to_json())
         self.timings["predictions_send"] += time.perf_counter() - t0
@@ -265,11 +302,28 @@ class Pipeline:
             self.first_prediction_at = time.time()
         self.predicted[batch.task] += len(preds)
 
-    def _observe_and_learn(self, batch: TaskBatch, learn: bool) -> PredictionBatch:
+    def _observe_and_learn(self, batch: TaskBatch, learn: bool) -> tuple[PredictionBatch, dict[str, Any]]:
         preds = self.trainer.observe(batch)
         if learn or self.trainer.pending() >= self.topology.buffer_size // 2:
             self.trainer.train()
-        return preds
+        return preds, self.trainer.pending_labels.changes()
+
+    def _join_labels(self, batch: TaskBatch) -> tuple[list[Any], dict[str, Any]]:
+        expired = self.trainer.observe_labels(batch)
+        return expired, self.trainer.pending_labels.changes()
+
+    def _sweep_labels(self) -> dict[str, Any]:
+        self.trainer.pending_labels.sweep()
+        return self.trainer.pending_labels.changes()
+
+    def _write_pending(self, changes: dict[str, bytes | None]) -> None:
+        """Mirror the pending-label store into its table (changelogged, so it survives a crash)."""
+        table = self.pending
+        for key, value in changes.items():
+            if value is not None:
+                table[key] = value
+            elif key in table:
+                del table[key]
 
     def _round_complete(self, round_id: str, size: int) -> bool:
         if not round_id or size <= 1:
@@ -303,7 +357,8 @@ class Pipeline:
             "pending": self.trainer.pending(),
             **snap,
             "first_prediction_at": self.first_prediction_at,
-            "feature_state_n": {key: std.n for key, std in ing.standardizers.items()},
+            "labels_received": ing.labels,
+            "feature_state_n": ing.feature_counts(),
             "timings_s": {**ing.timings, **self.trainer.timings, **self.timings},
         }
 

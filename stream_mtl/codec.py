@@ -2,7 +2,10 @@
 
 Internal topics carry *batches*: one Kafka message holds many events of one task, so
 Faust's per-message dispatch is paid once per batch, not once per event. A frame is
-``b"SMT1" | u32 header length | orjson header | float32 feature matrix (C order)``.
+``b"SMT1" | u32 header length | orjson header | float32 feature matrix (C order)``, followed
+by the augmented training copy of the matrix when the task has one. A task topic carries two
+kinds of frame: ``examples`` (events to predict and, when labelled, learn from) and
+``labels`` (late labels for events seen before: ids, values, label times, metadata; no matrix).
 
 >>> import numpy as np
 >>> env = TaskBatch(task="t", ids=["a", "b"], x=np.ones((2, 3), np.float32), y=[1.0, 0.0],
@@ -29,6 +32,7 @@ __all__ = [
     "decode_batch",
     "dumps",
     "encode_batch",
+    "label_batch",
     "loads",
 ]
 
@@ -53,9 +57,12 @@ class TaskBatch:
     y: list[Any]  # labels, one per id
     feature_version: str = ""
     offsets: dict[str, list[int]] = field(default_factory=dict)  # "topic:partition" -> [first, last]
-    ts: list[float] | None = None
+    ts: list[float] | None = None  # examples: event times; labels: label times
     round: str = ""  # the poll this batch came from: the trainer mixes a whole round at once
     round_size: int = 0  # how many task batches that poll produced
+    x_train: np.ndarray | None = None  # augmented training copy of ``x`` (never predicted)
+    kind: str = "examples"  # or "labels"
+    meta: list[Any] | None = None  # labels: per-label metadata (source, …)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -76,10 +83,21 @@ def encode_batch(batch: TaskBatch) -> bytes:
             "ts": batch.ts,
             "r": batch.round,
             "rn": batch.round_size,
+            "k": batch.kind,
+            "m": batch.meta,
+            "xt": batch.x_train is not None,
         },
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
-    return b"".join((MAGIC, _LEN.pack(len(header)), header, x.tobytes()))
+    parts = [MAGIC, _LEN.pack(len(header)), header, x.tobytes()]
+    if batch.x_train is not None:
+        parts.append(np.ascontiguousarray(batch.x_train, dtype=np.float32).tobytes())
+    return b"".join(parts)
+
+
+def label_batch(task: str, ids: list[str], values: list[Any], ts: list[float], meta: list[Any]) -> TaskBatch:
+    """A ``labels`` frame: late labels of one task."""
+    return TaskBatch(task, ids, np.zeros((len(ids), 0), np.float32), values, ts=ts, kind="labels", meta=meta)
 
 
 def decode_batch(data: bytes) -> TaskBatch:
@@ -93,9 +111,12 @@ def decode_batch(data: bytes) -> TaskBatch:
         raise CodecError(f"bad batch header: {exc}") from None
     n, d = header["n"], header["d"]
     payload = memoryview(data)[8 + hlen :]
-    if len(payload) != n * d * 4:
-        raise CodecError(f"batch payload is {len(payload)} bytes, expected {n * d * 4}")
-    x = np.frombuffer(bytearray(payload), dtype=np.float32).reshape(n, d)  # writable (torch wants that)
+    copies = 2 if header.get("xt") else 1
+    if len(payload) != copies * n * d * 4:
+        raise CodecError(f"batch payload is {len(payload)} bytes, expected {copies * n * d * 4}")
+    both = np.frombuffer(bytearray(payload), dtype=np.float32)  # writable (torch wants that)
+    x = both[: n * d].reshape(n, d)
+    x_train = both[n * d :].reshape(n, d) if copies == 2 else None
     return TaskBatch(
         task=header["task"],
         ids=header["ids"],
@@ -106,6 +127,9 @@ def decode_batch(data: bytes) -> TaskBatch:
         ts=header["ts"],
         round=header.get("r", ""),
         round_size=header.get("rn", 0),
+        x_train=x_train,
+        kind=header.get("k", "examples"),
+        meta=header.get("m"),
     )
 
 

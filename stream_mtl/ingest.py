@@ -88,17 +88,40 @@ def _type_name(v: object) -> str:
 class EventValidator:
     """Checks one decoded event against the topology's schema; returns a reason or None."""
 
-    def __init__(self, topology: Topology):
+    def __init__(self, topology: Topology, source: str | None = None):
         schema = topology.schema
         self.id_field = schema.id_field
-        self.required = topology.feature_inputs
+        feats = topology.features_of(source) if source is not None else topology.features
+        numeric: list[str] = []
+        other: dict[str, tuple[frozenset[type], str]] = {}
+        for f in feats:
+            if f.kind in ("standardize", "entity"):
+                numeric += [n for n in f.inputs if n not in numeric]
+            if f.kind == "text":
+                other[f.inputs[0]] = (frozenset({str}), "a string")
+            if f.kind == "hash":
+                for n in f.inputs:
+                    other.setdefault(n, (frozenset({str, int, bool}), "a string, integer or bool"))
+            if f.kind == "entity" and f.key is not None:
+                other[f.key] = (frozenset({str, int}), "a string or integer entity key")
+        if schema.time_field is not None and schema.time_field not in numeric:
+            numeric.append(schema.time_field)
+        #: numeric fields every event of this source must carry, in feature-matrix column order
+        self.required = numeric
         self.required_types = [schema.fields[f] for f in self.required]
-        self.optional: list[tuple[str, str]] = [
-            (name, typ) for name, typ in schema.fields.items() if name not in set(self.required)
-        ]
+        #: non-numeric fields it must carry: name → (accepted types, description)
+        self.required_other = other
+        taken = set(self.required) | set(other)
+        self.optional: list[tuple[str, str]] = [(name, typ) for name, typ in schema.fields.items() if name not in taken]
         self.labels = {t.label: t for t in topology.tasks}
         # fast path: one C-level itemgetter and a set of types instead of a Python loop per field
-        self._get = itemgetter(*self.required) if len(self.required) > 1 else (lambda ev: (ev[self.required[0]],))
+        if len(self.required) > 1:
+            self._get = itemgetter(*self.required)
+        elif self.required:
+            first = self.required[0]
+            self._get = lambda ev: (ev[first],)
+        else:
+            self._get = lambda ev: ()
         self._numeric_only = all(t in ("float", "int") for t in self.required_types)
         self._optional_types = dict(self.optional)
         self._fast_types_by_name = {name: self._fast_types(name, typ) | {type(None)} for name, typ in self.optional}
@@ -122,6 +145,9 @@ class EventValidator:
         eid = ev.get(self.id_field)
         if type(eid) is not str and type(eid) is not int:
             return None
+        for name, (types, _) in self.required_other.items():
+            if type(ev.get(name)) not in types:
+                return None
         return vals
 
     def check_optional_column(self, name: str, column: list[Any]) -> list[int]:
@@ -148,6 +174,11 @@ class EventValidator:
                     return f"field {name!r}: expected bool, got {_type_name(v)}"
             elif not _is_number(v):
                 return f"field {name!r}: expected {typ}, got {_type_name(v)}"
+        for name, (types, desc) in self.required_other.items():
+            v = ev.get(name)
+            if type(v) not in types:
+                got = "missing" if v is None else f"expected {desc}, got {_type_name(v)}"
+                return f"field {name!r}: {got}"
         for name, typ in self.optional:
             v = ev.get(name)
             if v is None:
@@ -209,7 +240,7 @@ def ingest_records(records: list[SourceRecord], validator: EventValidator) -> In
                     DeadLetter(raw, rec.key, "validate", "SchemaError", reason, rec.topic, rec.partition, rec.offset)
                 )
                 continue
-            vals = tuple(ev[f] for f in validator.required)  # type: ignore[index]
+            vals = tuple(float(ev[f]) for f in validator.required)  # type: ignore[index]
         out.events.append(ev)  # type: ignore[arg-type]
         out.values.append(vals)
         out.offsets.append(rec.offset)

@@ -1,32 +1,29 @@
 """The ingest half of the pipeline as plain functions: decode → validate → features → route.
 
-:class:`IngestStage` holds the shared feature state (one running standardiser per source
-partition, so a partition's owner is the only writer) and per-stage timings. The Faust
-ingest service calls :meth:`IngestStage.process` on each polled batch; tests and the
-benchmark call the same method.
+:class:`IngestStage` holds the shared feature state (one :class:`~stream_mtl.features.FeatureSet`
+per source partition, so a partition's owner is its only writer), turns late labels read from
+``<app>.labels`` into label frames for the task topics, and keeps per-stage timings. The Faust
+ingest service calls :meth:`IngestStage.process` on each polled batch; tests and the benchmark
+call the same method.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from stream_mtl.codec import TaskBatch
-from stream_mtl.features import RunningStandardizer
+from stream_mtl.features import FeatureSet, RawBatch, TextHasher, make_extractor
 from stream_mtl.ingest import DeadLetter, EventValidator, SourceRecord, ingest_records
-from stream_mtl.routing import route
+from stream_mtl.labels import parse_labels
+from stream_mtl.routing import Router
 from stream_mtl.topology import Topology
 
-__all__ = ["IngestOutput", "IngestStage", "feature_key"]
-
-
-def feature_key(topic: str, partition: int) -> str:
-    """Feature-table key of the standardiser owned by one source partition."""
-    return f"standardize:{topic}:{partition}"
+__all__ = ["IngestOutput", "IngestStage"]
 
 
 @dataclass
@@ -35,45 +32,93 @@ class IngestOutput:
 
     batches: list[TaskBatch] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    table_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # coalesced per key
+    table_updates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # coalesced; None = delete
     valid: int = 0
+    labels: int = 0
 
 
 class IngestStage:
-    """Decode, validate, featurise and route batches of source records."""
+    """Decode, validate, featurise and route batches of source records; forward late labels.
 
-    def __init__(self, topology: Topology):
+    ``topics`` maps each source topic to its source name (``<app>.<source>`` → ``source``);
+    ``labels_topic`` is where late labels arrive.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        topics: Mapping[str, str] | None = None,
+        labels_topic: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.topology = topology
-        self.validator = EventValidator(topology)
-        self.feature_version = topology.feature_version()
-        self.standardizers: dict[str, RunningStandardizer] = {}
+        self.topics = dict(topics) if topics is not None else {f"{topology.name}.{s}": s for s in topology.sources}
+        self.labels_topic = labels_topic
+        self.clock = clock
+        self.validators = {src: EventValidator(topology, src) for src in topology.sources}
+        text = {
+            f.name: ex
+            for f in topology.features
+            if f.kind == "text" and isinstance(ex := make_extractor(f), TextHasher)
+        }
+        self.router = Router(topology, text)
+        self.feature_sets: dict[tuple[str, int], FeatureSet] = {}
+        self.time_field = topology.schema.time_field
         self.timings = {"decode_validate": 0.0, "features": 0.0, "route": 0.0}
         self.records = 0
         self.valid = 0
         self.dead = 0
+        self.labels = 0
 
-    def load_state(self, key: str, state: dict[str, Any] | None) -> None:
-        """Restore one partition's feature state (from the feature table)."""
-        if state is not None and len(state.get("mean", [])) == self.topology.input_dim:
-            self.standardizers[key] = RunningStandardizer.from_state(state)
+    def feature_set(self, topic: str, partition: int) -> FeatureSet:
+        """The feature state of one source partition (created empty on first use)."""
+        fs = self.feature_sets.get((topic, partition))
+        if fs is None:
+            fs = self.feature_sets[(topic, partition)] = FeatureSet(
+                self.topology, self.topics[topic], topic, partition, clock=self.clock
+            )
+        return fs
 
-    def _standardizer(self, key: str) -> RunningStandardizer:
-        s = self.standardizers.get(key)
-        if s is None:
-            s = self.standardizers[key] = RunningStandardizer(self.topology.input_dim)
-        return s
+    def load_state(self, topic: str, partition: int, items: list[tuple[str, Any]]) -> int:
+        """Restore one source partition's feature state from feature-table items."""
+        return self.feature_set(topic, partition).load(items)
+
+    def feature_counts(self) -> dict[str, int]:
+        """Events counted by each running standardiser, by table key."""
+        out: dict[str, int] = {}
+        for fs in self.feature_sets.values():
+            out.update(fs.counts())
+        return out
 
     def process(self, partitions: Mapping[Any, list[SourceRecord]]) -> IngestOutput:
-        """One poll (records grouped by source partition) → task batches, dead letters, table updates."""
+        """One poll (records grouped by partition) → task batches, dead letters, table updates."""
         out = IngestOutput()
         for recs in partitions.values():
-            if recs:
+            if not recs:
+                continue
+            if recs[0].topic == self.labels_topic:
+                self._process_labels(recs, out)
+            else:
                 self._process_partition(recs, out)
         return out
 
+    def _process_labels(self, recs: list[SourceRecord], out: IngestOutput) -> None:
+        t0 = time.perf_counter()
+        frames, dead = parse_labels(recs, self.topology, self.clock)
+        out.batches.extend(frames)
+        out.dead.extend(dead)
+        n = sum(len(f) for f in frames)
+        out.labels += n
+        self.labels += n
+        self.dead += len(dead)
+        self.timings["decode_validate"] += time.perf_counter() - t0
+
     def _process_partition(self, recs: list[SourceRecord], out: IngestOutput) -> None:
         t0 = time.perf_counter()
-        res = ingest_records(recs, self.validator)
+        topic, partition = recs[0].topic, recs[0].partition
+        source = self.topics[topic]
+        validator = self.validators[source]
+        res = ingest_records(recs, validator)
         t1 = time.perf_counter()
         out.dead.extend(res.dead)
         out.valid += len(res.events)
@@ -81,16 +126,15 @@ class IngestStage:
         self.valid += len(res.events)
         self.dead += len(res.dead)
         if res.events:
-            topic, partition = recs[0].topic, recs[0].partition
-            key = feature_key(topic, partition)
-            std = self._standardizer(key)
-            x = std.update_transform(np.array(res.values, dtype=np.float64))
-            out.table_updates[key] = std.state()
+            fs = self.feature_set(topic, partition)
+            numeric = np.array(res.values, dtype=np.float64).reshape(len(res.events), len(validator.required))
+            times = numeric[:, validator.required.index(self.time_field)] if self.time_field else None
+            batch = RawBatch(res.events, numeric, validator.required, times)
+            x = fs.transform(batch)
+            out.table_updates.update(fs.table_updates())
             t2 = time.perf_counter()
             out.batches.extend(
-                route(
-                    res.events, res.offsets, x, self.topology, f"{topic}:{partition}", self.feature_version, res.columns
-                )
+                self.router.route(res.events, res.offsets, x, source, f"{topic}:{partition}", res.columns, batch.tokens)
             )
             self.timings["features"] += t2 - t1
             self.timings["route"] += time.perf_counter() - t2

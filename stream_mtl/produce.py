@@ -31,7 +31,8 @@ class ProduceReport:
 def malformed_payloads(topology: Topology, n: int, seed: int = 0) -> list[bytes]:
     """``n`` records that must fail ingest, cycling through the kinds of badness."""
     rng = random.Random(seed)
-    feat = topology.feature_inputs[0]
+    numeric = [f for spec in topology.features if spec.kind in ("standardize", "entity") for f in spec.inputs]
+    feat = numeric[0] if numeric else topology.features[0].inputs[0]
     id_field = topology.schema.id_field
     kinds = [
         lambda i: b'{"id": "broken-' + str(i).encode() + b'", ',  # truncated JSON

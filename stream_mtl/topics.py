@@ -8,8 +8,8 @@ topic is created up front.)
 ...                 features=[FeatureSpec(name="n", inputs=["x"])],
 ...                 tasks=[TaskSpec(name="t", kind="binary", label="y")])
 >>> n = TopicNames(topo)
->>> n.source, n.dlq, n.task("t"), n.predictions
-('toy.events', 'toy.dlq', 'toy.task.t', 'toy.predictions')
+>>> n.source, n.dlq, n.task("t"), n.predictions, n.labels, n.labels_expired
+('toy.events', 'toy.dlq', 'toy.task.t', 'toy.predictions', 'toy.labels', 'toy.labels.expired')
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ log = get_logger(__name__)
 __all__ = ["TopicNames", "create_topics"]
 
 FEATURE_TABLE = "features"
+PENDING_TABLE = "pending"
 
 
 class TopicNames:
@@ -30,7 +31,26 @@ class TopicNames:
     def __init__(self, topology: Topology, app_id: str | None = None):
         self.topology = topology
         self.app_id = app_id or topology.name
-        self.source = topology.source if topology.source else f"{self.app_id}.events"
+        #: source topic → source name
+        self.sources = {f"{self.app_id}.{src}": src for src in topology.sources}
+
+    @property
+    def source(self) -> str:
+        """The first (in most topologies the only) source topic."""
+        return next(iter(self.sources))
+
+    def source_topic(self, source: str) -> str:
+        return f"{self.app_id}.{source}"
+
+    @property
+    def labels(self) -> str:
+        """Late labels: ``{"id", "task", "value", "ts", "meta"}`` keyed by event id."""
+        return f"{self.app_id}.labels"
+
+    @property
+    def labels_expired(self) -> str:
+        """Late labels that found no pending example (too late, unknown event, duplicate)."""
+        return f"{self.app_id}.labels.expired"
 
     @property
     def dlq(self) -> str:
@@ -52,10 +72,17 @@ class TopicNames:
         """Faust's name for the feature table's changelog."""
         return f"{self.app_id}-{FEATURE_TABLE}-changelog"
 
+    @property
+    def pending_changelog(self) -> str:
+        """Faust's name for the pending-label table's changelog."""
+        return f"{self.app_id}-{PENDING_TABLE}-changelog"
+
     def all(self) -> dict[str, int]:
         """Topic name → partition count."""
         p = self.topology.partitions
-        out = {self.source: p, self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p}
+        out = {topic: p for topic in self.sources}
+        out.update({self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p})
+        out.update({self.labels: p, self.labels_expired: 1, self.pending_changelog: p})
         for t in self.topology.tasks:
             out[self.task(t.name)] = p
         return out

@@ -25,18 +25,25 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "Augment",
     "EventSchema",
     "FeatureSpec",
+    "GaussianNoise",
+    "Mixup",
     "ModelSpec",
+    "Oversample",
     "SamplerSpec",
+    "SynonymSwap",
     "TaskSpec",
+    "TokenDropout",
     "Topology",
     "TopologyError",
     "load_topology",
@@ -66,22 +73,109 @@ class _Frozen(BaseModel):
 
 
 class EventSchema(_Frozen):
-    """The fields of one event: name → type; ``id_field`` identifies the event."""
+    """The fields of one event: name → type; ``id_field`` identifies the event.
+
+    ``time_field`` (optional, seconds since the epoch) is the event time that entity windows
+    use; without it they use the time the event was ingested.
+    """
 
     id_field: str = "id"
+    time_field: str | None = None
     fields: dict[str, FieldType]
 
 
-class FeatureSpec(_Frozen):
-    """A shared feature, computed once per event and reused by every task."""
+FeatureKind = Literal["standardize", "hash", "text", "entity"]
+#: Default output width of the hashing features.
+DEFAULT_DIM = {"hash": 32, "text": 256}
 
-    name: str
-    kind: Literal["standardize"] = "standardize"
-    inputs: list[str]
+
+class FeatureSpec(_Frozen):
+    """A shared feature, computed once per event and reused by every task that uses it.
+
+    Kinds (see :mod:`stream_mtl.features`): ``standardize`` (running mean/variance of numeric
+    inputs), ``hash`` (categorical fields hashed into ``dim`` buckets), ``text`` (a hashing
+    vectoriser over one text field), ``entity`` (per-``key`` decayed count and mean of numeric
+    inputs over ``window_s``, state evicted after ``ttl_s`` idle or beyond ``max_entities``).
+    ``sources`` names the sources whose events carry the inputs (default: every source).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    kind: FeatureKind = "standardize"
+    inputs: list[str] = Field(default_factory=list)
+    sources: list[str] | None = None
+    dim: int | None = Field(default=None, ge=1, le=1 << 16)
+    key: str | None = None
+    window_s: float = Field(default=3600.0, gt=0)
+    ttl_s: float = Field(default=86_400.0, gt=0)
+    max_entities: int = Field(default=100_000, ge=1)
+
+    @property
+    def width(self) -> int:
+        """Number of model-input columns this feature produces."""
+        if self.kind == "standardize":
+            return len(self.inputs)
+        if self.kind == "entity":
+            return 1 + len(self.inputs)  # log-count, then one mean per input
+        return int(self.dim or DEFAULT_DIM[self.kind])
+
+
+class GaussianNoise(_Frozen):
+    """Add ``N(0, std²)`` to a training copy of the task's inputs."""
+
+    kind: Literal["noise"] = "noise"
+    std: float = Field(default=0.1, gt=0)
+
+
+class Mixup(_Frozen):
+    """Mix pairs of training examples (inputs and labels) with ``λ ~ Beta(alpha, alpha)``."""
+
+    kind: Literal["mixup"] = "mixup"
+    alpha: float = Field(default=0.2, gt=0)
+
+
+class TokenDropout(_Frozen):
+    """Drop each token of a text feature with probability ``p`` in the training copy."""
+
+    kind: Literal["token_dropout"] = "token_dropout"
+    feature: str
+    p: float = Field(default=0.1, gt=0, lt=1)
+
+
+class SynonymSwap(_Frozen):
+    """Replace tokens of a text feature by a synonym from ``table`` with probability ``p``."""
+
+    kind: Literal["synonyms"] = "synonyms"
+    feature: str
+    table: dict[str, list[str]]
+    p: float = Field(default=0.2, gt=0, le=1)
+
+
+class Oversample(_Frozen):
+    """SMOTE-style synthetic examples for a sparse task, up to ``share`` of each mini-batch.
+
+    A synthetic example interpolates between a recent example and one of its ``k`` nearest
+    recent neighbours with the same label.
+    """
+
+    kind: Literal["smote"] = "smote"
+    share: float = Field(default=0.25, gt=0, lt=1)
+    k: int = Field(default=5, ge=1)
+    pool: int = Field(default=512, ge=2, description="recent examples kept per task to interpolate between")
+
+
+Augment = Annotated[GaussianNoise | Mixup | TokenDropout | SynonymSwap | Oversample, Field(discriminator="kind")]
 
 
 class TaskSpec(_Frozen):
-    """One learning task: what to predict, from which label field, with which loss."""
+    """One learning task: what to predict, from which events and label, with which loss.
+
+    Segmentation: ``source`` (only events of that source), ``where`` (a predicate on the
+    decoded event), and the label itself (an event without it trains nothing for this task).
+    ``features`` limits the shared features the task sees (the others read as zeros).
+    ``label_ttl_s`` turns on late labels: an event without the label is predicted and kept
+    pending until its label arrives on ``<app>.labels`` or the TTL passes.
+    ``augment`` transforms training copies only; predictions always see the real event.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     kind: TaskKind
@@ -90,6 +184,11 @@ class TaskSpec(_Frozen):
     weight: float = Field(default=1.0, ge=0.0)
     depends_on: list[str] = Field(default_factory=list)
     n_classes: int | None = Field(default=None, ge=2)
+    source: str | None = None
+    where: Callable[[dict[str, Any]], bool] | None = Field(default=None, exclude=True)
+    features: list[str] | None = None
+    label_ttl_s: float | None = Field(default=None, gt=0)
+    augment: list[Augment] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _default_loss(self) -> TaskSpec:
@@ -105,6 +204,10 @@ class TaskSpec(_Frozen):
         if self.kind == "multilabel":
             return int(self.n_classes or 1)
         return 1
+
+    def augment_of(self, kind: str) -> list[Any]:
+        """This task's augmentations of one kind."""
+        return [a for a in self.augment if a.kind == kind]
 
 
 class ModelSpec(_Frozen):
@@ -136,7 +239,8 @@ class Topology(_Frozen):
     ingest_batch: int = Field(default=1000, ge=1, description="max source records read per poll")
     buffer_size: int = Field(default=10_000, ge=1, description="bound of each per-task buffer")
     partitions: int = Field(default=1, ge=1, description="partitions of the source and task topics")
-    source: str | None = Field(default=None, description="source topic; default <name>.events")
+    sources: list[str] = Field(default_factory=lambda: ["events"], description="source topics: <app>.<source>")
+    max_pending: int = Field(default=100_000, ge=1, description="bound of examples waiting for a late label")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -156,13 +260,25 @@ class Topology(_Frozen):
         return self.schema_
 
     @property
-    def feature_inputs(self) -> list[str]:
-        """Numeric input fields in model-input order (features concatenated)."""
-        return [f for spec in self.features for f in spec.inputs]
-
-    @property
     def input_dim(self) -> int:
-        return len(self.feature_inputs)
+        """Width of the shared feature vector (every feature's columns, concatenated)."""
+        return sum(f.width for f in self.features)
+
+    def feature_slices(self) -> dict[str, slice]:
+        """Feature name → its columns in the shared feature vector."""
+        out, start = {}, 0
+        for f in self.features:
+            out[f.name] = slice(start, start + f.width)
+            start += f.width
+        return out
+
+    def features_of(self, source: str) -> list[FeatureSpec]:
+        """The features computed for events of one source."""
+        return [f for f in self.features if f.sources is None or source in f.sources]
+
+    def tasks_of(self, source: str) -> list[TaskSpec]:
+        """The tasks that events of one source can train."""
+        return [t for t in self.tasks if t.source is None or t.source == source]
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -175,14 +291,23 @@ class Topology(_Frozen):
         return _topological_order(self.tasks)
 
     def spec_hash(self) -> str:
-        """A stable hash of the whole declaration (checkpoints and versions carry it)."""
-        payload = orjson.dumps(self.model_dump(mode="json", by_alias=True), option=orjson.OPT_SORT_KEYS)
+        """A stable hash of the whole declaration (checkpoints and versions carry it).
+
+        A task's ``where`` predicate enters by its qualified name.
+        """
+        doc = self.model_dump(mode="json", by_alias=True)
+        doc["where"] = {t.name: _callable_name(t.where) for t in self.tasks if t.where is not None}
+        payload = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(payload).hexdigest()[:16]
 
     def feature_version(self) -> str:
         """A hash of the feature definitions; envelopes carry it."""
         payload = orjson.dumps([f.model_dump(mode="json") for f in self.features], option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _format_validation_error(exc: ValidationError) -> str:
@@ -197,20 +322,27 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+_NUMERIC_TYPES = ("float", "int", "bool")
+
+
 def _validate(t: Topology) -> None:
     fields = t.schema.fields
     names = ", ".join(fields)
     if t.schema.id_field in fields:
         raise TopologyError(f"schema.id_field: {t.schema.id_field!r} must not also be a data field")
-    for i, feat in enumerate(t.features):
-        for j, field in enumerate(feat.inputs):
-            if field not in fields:
-                raise TopologyError(f"features[{i}].inputs[{j}]: {field!r} is not a field of the event schema")
-            if fields[field] not in ("float", "int", "bool"):
-                raise TopologyError(f"features[{i}].inputs[{j}]: {field!r} is {fields[field]}, not numeric")
+    tf = t.schema.time_field
+    if tf is not None and (tf not in fields or fields[tf] not in ("float", "int")):
+        raise TopologyError(f"schema.time_field: {tf!r} must be a numeric field of the event schema")
+    if not t.sources or len(set(t.sources)) != len(t.sources):
+        raise TopologyError("sources: at least one source, each named once")
+    for i, src in enumerate(t.sources):
+        if not src.replace("_", "").replace("-", "").isalnum():
+            raise TopologyError(f"sources[{i}]: {src!r} must be letters, digits, '_' or '-'")
+    _validate_features(t, fields)
     if not t.tasks:
         raise TopologyError("tasks: a topology needs at least one task")
     seen: dict[str, int] = {}
+    feature_names = {f.name: f for f in t.features}
     for i, task in enumerate(t.tasks):
         if task.name in seen:
             raise TopologyError(f"tasks[{i}].name: duplicate task {task.name!r} (also tasks[{seen[task.name]}])")
@@ -225,6 +357,22 @@ def _validate(t: Topology) -> None:
             raise TopologyError(f"tasks[{i}].loss: {task.loss!r} does not fit a {task.kind} task")
         if task.kind == "multiclass" and task.n_classes is None:
             raise TopologyError(f"tasks[{i}].n_classes: a multiclass task must declare n_classes")
+        if task.source is not None and task.source not in t.sources:
+            raise TopologyError(f"tasks[{i}].source: unknown source {task.source!r} (sources: {', '.join(t.sources)})")
+        usable = t.features_of(task.source) if task.source is not None else t.features
+        for j, fname in enumerate(task.features or []):
+            if fname not in feature_names:
+                raise TopologyError(f"tasks[{i}].features[{j}]: unknown feature {fname!r}")
+            if feature_names[fname] not in usable:
+                raise TopologyError(f"tasks[{i}].features[{j}]: feature {fname!r} is not computed for {task.source!r}")
+        for j, aug in enumerate(task.augment):
+            where = f"tasks[{i}].augment[{j}]"
+            if aug.kind in ("token_dropout", "synonyms"):
+                feat = feature_names.get(aug.feature)
+                if feat is None or feat.kind != "text":
+                    raise TopologyError(f"{where}.feature: {aug.feature!r} is not a text feature")
+            if aug.kind == "mixup" and task.kind == "multiclass":
+                raise TopologyError(f"{where}: mixup needs soft labels; task {task.name!r} is multiclass")
     for i, task in enumerate(t.tasks):
         for j, dep in enumerate(task.depends_on):
             if dep not in seen:
@@ -232,8 +380,40 @@ def _validate(t: Topology) -> None:
             if dep == task.name:
                 raise TopologyError(f"tasks[{i}].depends_on[{j}]: task {dep!r} depends on itself")
     _topological_order(t.tasks)
-    if not t.feature_inputs:
-        raise TopologyError("features: a topology needs at least one numeric feature input")
+    if not t.features:
+        raise TopologyError("features: a topology needs at least one feature")
+
+
+def _validate_features(t: Topology, fields: dict[str, str]) -> None:
+    seen: set[str] = set()
+    for i, feat in enumerate(t.features):
+        if feat.name in seen:
+            raise TopologyError(f"features[{i}].name: duplicate feature {feat.name!r}")
+        seen.add(feat.name)
+        for j, src in enumerate(feat.sources or []):
+            if src not in t.sources:
+                raise TopologyError(f"features[{i}].sources[{j}]: unknown source {src!r}")
+        want_numeric = feat.kind in ("standardize", "entity")
+        if feat.kind != "entity" and not feat.inputs:
+            raise TopologyError(f"features[{i}].inputs: a {feat.kind} feature needs at least one input")
+        if feat.kind == "text" and len(feat.inputs) != 1:
+            raise TopologyError(f"features[{i}].inputs: a text feature reads exactly one field")
+        for j, field in enumerate(feat.inputs):
+            if field not in fields:
+                raise TopologyError(f"features[{i}].inputs[{j}]: {field!r} is not a field of the event schema")
+            if want_numeric and fields[field] not in _NUMERIC_TYPES:
+                raise TopologyError(f"features[{i}].inputs[{j}]: {field!r} is {fields[field]}, not numeric")
+            if feat.kind == "text" and fields[field] != "str":
+                raise TopologyError(f"features[{i}].inputs[{j}]: {field!r} is {fields[field]}, not str")
+        if feat.kind == "entity":
+            if feat.key is None:
+                raise TopologyError(f"features[{i}].key: an entity feature needs the entity key field")
+            if feat.key not in fields:
+                raise TopologyError(f"features[{i}].key: {feat.key!r} is not a field of the event schema")
+        elif feat.key is not None:
+            raise TopologyError(f"features[{i}].key: only entity features have a key")
+        if feat.dim is not None and feat.kind not in ("hash", "text"):
+            raise TopologyError(f"features[{i}].dim: only hash and text features have a dim")
 
 
 def _topological_order(tasks: list[TaskSpec]) -> list[str]:

@@ -9,14 +9,17 @@ driver call these same methods.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from stream_mtl.augment import Augmenter
 from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
 from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
+from stream_mtl.labels import ExpiredLabel, PendingLabels
 from stream_mtl.model import MTLModel, block_losses
 from stream_mtl.topology import Topology
 
@@ -31,7 +34,13 @@ def default_device() -> torch.device:
 class Trainer:
     """Model, optimiser, per-task buffers, sampler and prequential metrics of one topology."""
 
-    def __init__(self, topology: Topology, device: torch.device | str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        topology: Topology,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        clock: Callable[[], float] = time.time,
+    ):
         torch.manual_seed(seed)
         self.topology = topology
         self.device = torch.device(device) if device is not None else default_device()
@@ -48,6 +57,14 @@ class Trainer:
         self.batch_composition: dict[str, int] = {}
         self.spec_hash = topology.spec_hash()[:8]
         self.timings = {"predict": 0.0, "metrics": 0.0, "learn": 0.0}
+        self.augmenter = Augmenter(topology, seed)
+        ttl = {t.name: t.label_ttl_s for t in topology.tasks if t.label_ttl_s is not None}
+        self.pending_labels = PendingLabels(topology.max_pending, ttl, clock)
+        self._late = set(ttl)
+        #: lineage: per source partition, the first and last offset of the events learned from
+        self.lineage: dict[str, list[int]] = {}
+        self.feature_versions: set[str] = set()
+        self.label_delay = {name: [0, 0.0] for name in ttl}  # joined labels, summed delay (s)
 
     @property
     def version(self) -> str:
@@ -57,11 +74,10 @@ class Trainer:
     def pending(self) -> int:
         return sum(len(b) for b in self.buffers.values())
 
-    def _targets(self, batch: TaskBatch) -> np.ndarray:
-        task = self.topology.task(batch.task)
-        if task.kind == "multilabel":
-            return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), task.output_dim)
-        return np.asarray(batch.y, dtype=np.float32).reshape(len(batch), 1)
+    def _targets(self, task_name: str, y: list[Any]) -> np.ndarray:
+        task = self.topology.task(task_name)
+        width = task.output_dim if task.kind == "multilabel" else 1
+        return np.asarray(y, dtype=np.float32).reshape(len(y), width)
 
     def _decide(self, task_name: str, p: np.ndarray) -> np.ndarray:
         kind = self.topology.task(task_name).kind
@@ -74,25 +90,75 @@ class Trainer:
         return p[:, 0]
 
     def observe(self, batch: TaskBatch) -> PredictionBatch:
-        """Predict, score and buffer one task batch; returns its predictions."""
+        """Predict, score and buffer one task batch; returns its predictions.
+
+        Rows without a label (a task with late labels) are predicted now and kept pending.
+        """
         t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32)).to(self.device)
         self.model.eval()
         p = self.model.predict(x, batch.task).cpu().numpy()
         decided = self._decide(batch.task, p)
         t1 = time.perf_counter()
-        self.metrics[batch.task].update(np.asarray(batch.y), decided)
         scores = p[:, 0].tolist() if p.shape[1] == 1 else p.tolist()
         preds = PredictionBatch(batch.task, self.version, batch.ids, decided.tolist(), scores)
+        xs = batch.x_train if batch.x_train is not None else batch.x
+        y = batch.y
+        if batch.task in self._late and None in y:
+            have = [i for i, v in enumerate(y) if v is not None]
+            missing = [i for i, v in enumerate(y) if v is None]
+            self.pending_labels.add(
+                batch.task,
+                [batch.ids[i] for i in missing],
+                batch.x[missing],
+                None if batch.x_train is None else batch.x_train[missing],
+                decided[missing],
+                batch.offsets,
+            )
+            y, decided, xs = [y[i] for i in have], decided[have], xs[have]
         t2 = time.perf_counter()
-        self.buffers[batch.task].push(np.asarray(batch.x, dtype=np.float32), self._targets(batch))
+        if y:
+            self.metrics[batch.task].update(np.asarray(y), decided)
+            self._learn_from(batch.task, xs, y)
+        self._trace(batch)
         self.timings["predict"] += t1 - t0
-        self.timings["metrics"] += t2 - t1
+        self.timings["metrics"] += time.perf_counter() - t2
         return preds
+
+    def observe_labels(self, batch: TaskBatch) -> list[ExpiredLabel]:
+        """Join a frame of late labels to pending examples: score their earlier predictions, buffer them.
+
+        Returns the labels that found no pending example in time (for ``<app>.labels.expired``).
+        """
+        res = self.pending_labels.join(batch.task, batch.ids, batch.y, batch.ts or [], batch.meta or [])
+        if res.ids and res.x is not None:
+            self.metrics[batch.task].update(np.asarray(res.y), np.asarray(res.decided))
+            self._learn_from(batch.task, res.x_train if res.x_train is not None else res.x, res.y)
+            d = self.label_delay[batch.task]
+            d[0] += len(res.delays)
+            d[1] += float(sum(res.delays))
+        return res.expired
+
+    def _learn_from(self, task: str, x: np.ndarray, y: list[Any]) -> None:
+        targets = self._targets(task, y)
+        x = np.asarray(x, dtype=np.float32)
+        self.buffers[task].push(x, targets)
+        self.augmenter.remember(task, x, targets)
+
+    def _trace(self, batch: TaskBatch) -> None:
+        self.feature_versions.add(batch.feature_version)
+        for src, (first, last) in batch.offsets.items():
+            seen = self.lineage.get(src)
+            if seen is None:
+                self.lineage[src] = [first, last]
+            else:
+                seen[0] = min(seen[0], first)
+                seen[1] = max(seen[1], last)
 
     def step(self, batch: MixedBatch) -> dict[str, float]:
         """One optimiser step on a mixed batch; returns the per-task losses."""
         self.model.train()
+        batch = self.augmenter.apply(batch)
         x = torch.from_numpy(batch.x).to(self.device)
         y = torch.from_numpy(batch.y).to(self.device)
         losses = block_losses(self.model, x, y, batch.blocks)
@@ -130,4 +196,10 @@ class Trainer:
             "losses": self.last_losses,
             "batch_composition": self.batch_composition,
             "buffer_dropped": {t: b.dropped for t, b in self.buffers.items()},
+            "labels": {
+                t: {**c, "delay_mean_s": self.label_delay[t][1] / max(1, self.label_delay[t][0])}
+                for t, c in self.pending_labels.snapshot().items()
+            },
+            "synthetic": dict(self.augmenter.synthetic),
+            "lineage": {"offsets": self.lineage, "feature_versions": sorted(self.feature_versions)},
         }

@@ -96,3 +96,58 @@ def test_load_file_without_topology(tmp_path: Path) -> None:
     f.write_text("x = 1\n")
     with pytest.raises(TopologyError, match="must define `topology = Topology"):
         load_topology(f)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sources": ["a", "a"]}, r"sources: at least one source, each named once"),
+        ({"tasks": [TaskSpec(name="t", kind="binary", label="y", source="nope")]}, r"tasks\[0\]\.source: unknown"),
+        ({"tasks": [TaskSpec(name="t", kind="binary", label="y", features=["zz"])]},
+         r"tasks\[0\]\.features\[0\]: unknown feature 'zz'"),
+        ({"tasks": [TaskSpec(name="t", kind="binary", label="y",
+                             augment=[{"kind": "token_dropout", "feature": "n"}])]},
+         r"tasks\[0\]\.augment\[0\]\.feature: 'n' is not a text feature"),
+        ({"tasks": [TaskSpec(name="t", kind="multiclass", label="y", n_classes=3, augment=[{"kind": "mixup"}])]},
+         r"tasks\[0\]\.augment\[0\]: mixup needs soft labels"),
+        ({"features": [FeatureSpec(name="e", kind="entity", inputs=["x"])]}, r"features\[0\]\.key: an entity feature"),
+        ({"features": [FeatureSpec(name="t", kind="text", inputs=["x"])]}, r"features\[0\]\.inputs\[0\]: 'x' is float"),
+        ({"features": [FeatureSpec(name="n", inputs=["x"], sources=["other"])]},
+         r"features\[0\]\.sources\[0\]: unknown source 'other'"),
+        ({"features": [FeatureSpec(name="n", inputs=["x"], dim=4)]}, r"features\[0\]\.dim: only hash and text"),
+    ],
+)  # fmt: skip
+def test_data_layer_fields_are_validated_by_name(change: dict, message: str) -> None:
+    base = {
+        "name": "t",
+        "schema": EventSchema(fields={"x": "float", "y": "int"}),
+        "features": [FeatureSpec(name="n", inputs=["x"])],
+        "tasks": [TaskSpec(name="t", kind="binary", label="y")],
+    }
+    with pytest.raises(TopologyError, match=message):
+        Topology(**{**base, **change})
+
+
+def test_unknown_augmentation_kind_names_the_field() -> None:
+    with pytest.raises(TopologyError, match=r"tasks\[0\]\.augment\[0\]"):
+        Topology(
+            name="t",
+            schema=EventSchema(fields={"x": "float", "y": "bool"}),
+            features=[FeatureSpec(name="n", inputs=["x"])],
+            tasks=[{"name": "t", "kind": "binary", "label": "y", "augment": [{"kind": "rotate"}]}],
+        )
+
+
+def test_predicate_enters_the_spec_hash_by_name() -> None:
+    def long_text(ev: dict) -> bool:
+        return True
+
+    def short_text(ev: dict) -> bool:
+        return False
+
+    def topo(where: object) -> Topology:
+        return Topology(name="t", schema=EventSchema(fields={"x": "float", "y": "bool"}),
+                        features=[FeatureSpec(name="n", inputs=["x"])],
+                        tasks=[TaskSpec(name="t", kind="binary", label="y", where=where)])  # fmt: skip
+
+    assert topo(long_text).spec_hash() != topo(short_text).spec_hash() != topo(None).spec_hash()

@@ -1,0 +1,339 @@
+"""Late labels: parsed from ``<app>.labels`` at ingest, joined to pending examples in the trainer.
+
+A label message is a JSON object ``{"id": <event id>, "task": <task>, "value": <label>,
+"ts": <label time, optional>, "meta": <anything, optional>}``, keyed by the event id and
+produced to the same partition number as its event (same key, same partition count), so
+the event and its label meet in one worker. Malformed label messages go to the dead-letter
+topic like malformed events.
+
+The trainer predicts an event without its label when it arrives and keeps it in
+:class:`PendingLabels` (bounded: rows, and a per-task TTL). A label that finds its event in
+time is evaluated against the prediction made *before* it arrived and then learned from; a
+label that comes too late, for an unknown event or twice becomes an :class:`ExpiredLabel` on
+``<app>.labels.expired`` with the reason. Nothing is filled in and nothing is dropped silently.
+
+>>> import numpy as np
+>>> p = PendingLabels(max_rows=10, ttl={"t": 60.0}, clock=lambda: 100.0)
+>>> _ = p.add("t", ["e1", "e2"], np.zeros((2, 3), np.float32), None, np.array([True, False]), {})
+>>> hit = p.join("t", ["e2", "e9"], [1.0, 0.0], [101.0, 101.0], [None, None])
+>>> hit.ids, hit.y, [e.reason for e in hit.expired], p.rows
+(['e2'], [1.0], ['unknown_event'], 1)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_mtl.codec import TaskBatch, decode_batch, encode_batch, label_batch
+from stream_mtl.ingest import DeadLetter, EventValidator, SourceRecord
+from stream_mtl.topology import Topology
+
+__all__ = ["ExpiredLabel", "JoinResult", "PendingLabels", "parse_labels"]
+
+
+def parse_labels(
+    records: list[SourceRecord], topology: Topology, clock: Callable[[], float] = time.time
+) -> tuple[list[TaskBatch], list[DeadLetter]]:
+    """Label messages of one partition → one ``labels`` frame per task, and dead letters."""
+    validator = _validator(topology)
+    late = {t.name: t for t in topology.tasks if t.label_ttl_s is not None}
+    per_task: dict[str, tuple[list[str], list[Any], list[float], list[Any]]] = {}
+    dead: list[DeadLetter] = []
+    now = clock()
+    for rec in records:
+        reason = None
+        try:
+            msg = orjson.loads(rec.value) if rec.value is not None else None
+        except orjson.JSONDecodeError as exc:
+            msg, reason = None, f"invalid JSON: {exc}"
+        if reason is None:
+            reason = _check_label(msg, late, validator)
+        if reason is not None:
+            dead.append(
+                DeadLetter(rec.value, rec.key, "labels", "LabelError", reason, rec.topic, rec.partition, rec.offset)
+            )
+            continue
+        task = late[msg["task"]]
+        ids, vals, ts, meta = per_task.setdefault(task.name, ([], [], [], []))
+        v = msg["value"]
+        ids.append(str(msg["id"]))
+        vals.append(float(v) if task.kind in ("binary", "regression") else v)
+        t = msg.get("ts")
+        ts.append(float(t) if type(t) in (int, float) else now)
+        meta.append(msg.get("meta"))
+    frames = [label_batch(task, *cols) for task, cols in per_task.items()]
+    return frames, dead
+
+
+_VALIDATORS: dict[int, EventValidator] = {}
+
+
+def _validator(topology: Topology) -> EventValidator:
+    v = _VALIDATORS.get(id(topology))
+    if v is None:
+        v = _VALIDATORS[id(topology)] = EventValidator(topology)
+    return v
+
+
+def _check_label(msg: object, late: dict[str, Any], validator: EventValidator) -> str | None:
+    if type(msg) is not dict:
+        return "label message must be a JSON object with id, task and value"
+    eid = msg.get("id")
+    if type(eid) is not str and type(eid) is not int:
+        return "field 'id': expected the event id (string or integer)"
+    name = msg.get("task")
+    if name not in late:
+        known = ", ".join(late) or "none"
+        return f"field 'task': {name!r} does not take late labels (tasks with label_ttl_s: {known})"
+    if msg.get("value") is None:
+        return "field 'value': missing"
+    reason = validator._check_optional(late[name].label, "", msg["value"])
+    if reason:
+        return reason.replace(f"field {late[name].label!r}", "field 'value'")
+    ts = msg.get("ts")
+    if ts is not None and (type(ts) not in (int, float) or ts != ts):
+        return "field 'ts': expected a number (seconds since the epoch)"
+    return None
+
+
+@dataclass
+class ExpiredLabel:
+    """A label that could not be joined, as written to ``<app>.labels.expired``."""
+
+    id: str
+    task: str
+    value: Any
+    ts: float
+    meta: Any
+    reason: str  # "expired" | "unknown_event" | "duplicate"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+
+@dataclass
+class JoinResult:
+    """Labels of one frame joined to their pending examples, and those that were not."""
+
+    ids: list[str] = field(default_factory=list)
+    x: np.ndarray | None = None
+    x_train: np.ndarray | None = None
+    y: list[Any] = field(default_factory=list)
+    decided: list[Any] = field(default_factory=list)  # the predictions made before the labels came
+    delays: list[float] = field(default_factory=list)  # label time - arrival time
+    expired: list[ExpiredLabel] = field(default_factory=list)
+
+
+@dataclass
+class _Chunk:
+    key: str
+    task: str
+    ids: list[str]
+    x: np.ndarray
+    x_train: np.ndarray | None
+    decided: np.ndarray
+    at: float
+    offsets: dict[str, list[int]]
+    open: np.ndarray  # bool per row: still waiting
+
+    def frame(self) -> bytes:
+        return encode_batch(
+            TaskBatch(
+                self.task,
+                self.ids,
+                self.x,
+                self.decided.tolist(),
+                offsets=self.offsets,
+                ts=[self.at],
+                round=self.key,
+                x_train=self.x_train,
+                kind="pending",
+            )
+        )
+
+
+class PendingLabels:
+    """Examples waiting for their late label: bounded by ``max_rows`` and a TTL per task.
+
+    Storage is one chunk per routed batch (arrays, not per-row objects) plus an id index.
+    :meth:`changes` gives the table writes that mirror it (chunk frames and the joined rows),
+    so the state survives a restart through the table's changelog.
+    """
+
+    def __init__(self, max_rows: int, ttl: dict[str, float], clock: Callable[[], float] = time.time):
+        self.max_rows = max_rows
+        self.ttl = ttl
+        self.clock = clock
+        self._chunks: OrderedDict[str, _Chunk] = OrderedDict()
+        self._index: dict[tuple[str, str], tuple[str, int]] = {}
+        self._seq = 0
+        self.rows = 0
+        self.counts: dict[str, dict[str, int]] = {t: _zero_counts() for t in ttl}
+        self._changes: dict[str, bytes | None] = {}
+        #: (task, id) of labels already used (bounded like the rows), to tell a duplicate from an unknown id
+        self._joined: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def add(
+        self,
+        task: str,
+        ids: list[str],
+        x: np.ndarray,
+        x_train: np.ndarray | None,
+        decided: np.ndarray,
+        offsets: dict[str, list[int]],
+        key: str | None = None,
+    ) -> str:
+        """Keep unlabelled, already predicted rows of one task until their labels arrive."""
+        self._seq += 1
+        key = key or f"{task}:{self.clock():.6f}:{self._seq}"
+        ch = _Chunk(
+            key, task, list(ids), x, x_train, np.asarray(decided), self.clock(), offsets, np.ones(len(ids), dtype=bool)
+        )
+        self._insert(ch)
+        self._changes[key] = ch.frame()
+        self.counts[task]["added"] += len(ids)
+        self._bound()
+        return key
+
+    def _insert(self, ch: _Chunk) -> None:
+        self._chunks[ch.key] = ch
+        for i, eid in enumerate(ch.ids):
+            if ch.open[i]:
+                self._index[(ch.task, eid)] = (ch.key, i)
+        self.rows += int(ch.open.sum())
+
+    def join(self, task: str, ids: list[str], values: list[Any], label_ts: list[float], meta: list[Any]) -> JoinResult:
+        """Join a frame of late labels; the unmatched ones come back as expired with a reason."""
+        res = JoinResult()
+        now = self.clock()
+        ttl = self.ttl.get(task, 0.0)
+        rows_x, rows_xt = [], []
+        touched: set[str] = set()
+        c = self.counts.setdefault(task, _zero_counts())
+        for eid, v, ts, m in zip(ids, values, label_ts, meta, strict=True):
+            hit = self._index.pop((task, eid), None)
+            if hit is None:
+                reason = "duplicate" if self._was_joined(task, eid) else "unknown_event"
+                res.expired.append(ExpiredLabel(eid, task, v, ts, m, reason))
+                c[reason] += 1
+                continue
+            ch = self._chunks[hit[0]]
+            row = hit[1]
+            ch.open[row] = False
+            self.rows -= 1
+            touched.add(ch.key)
+            self._remember(task, eid)
+            if now - ch.at > ttl:
+                res.expired.append(ExpiredLabel(eid, task, v, ts, m, "expired"))
+                c["expired"] += 1
+                continue
+            res.ids.append(eid)
+            res.y.append(v)
+            res.decided.append(ch.decided[row].tolist())
+            res.delays.append(max(0.0, ts - ch.at))
+            rows_x.append(ch.x[row])
+            if ch.x_train is not None:
+                rows_xt.append(ch.x_train[row])
+            c["joined"] += 1
+        if rows_x:
+            res.x = np.stack(rows_x).astype(np.float32, copy=False)
+            res.x_train = np.stack(rows_xt) if len(rows_xt) == len(rows_x) else None
+        for key in touched:
+            self._touch(key)
+        return res
+
+    def _was_joined(self, task: str, eid: str) -> bool:
+        return (task, eid) in self._joined
+
+    def _remember(self, task: str, eid: str) -> None:
+        self._joined[(task, eid)] = None
+        if len(self._joined) > self.max_rows:
+            self._joined.popitem(last=False)
+
+    def _touch(self, key: str) -> None:
+        ch = self._chunks[key]
+        if not ch.open.any():
+            self._retire(key)
+        else:
+            self._changes[key + ":joined"] = orjson.dumps(np.flatnonzero(~ch.open).tolist())
+
+    def _retire(self, key: str) -> None:
+        ch = self._chunks.pop(key)
+        for i in np.flatnonzero(ch.open).tolist():
+            self._index.pop((ch.task, ch.ids[i]), None)
+        self.rows -= int(ch.open.sum())
+        self._changes[key] = None
+        self._changes[key + ":joined"] = None
+
+    def sweep(self) -> int:
+        """Drop rows whose TTL has passed without a label; returns how many."""
+        now = self.clock()
+        dropped = 0
+        for key, ch in list(self._chunks.items()):
+            if now - ch.at > self.ttl.get(ch.task, 0.0):
+                n = int(ch.open.sum())
+                self.counts[ch.task]["unlabelled_expired"] += n
+                dropped += n
+                self._retire(key)
+        return dropped
+
+    def _bound(self) -> None:
+        while self.rows > self.max_rows and self._chunks:
+            key, ch = next(iter(self._chunks.items()))
+            self.counts[ch.task]["evicted"] += int(ch.open.sum())
+            self._retire(key)
+
+    def changes(self) -> dict[str, bytes | None]:
+        """Table writes since the last call: key → value (``None``: delete)."""
+        out, self._changes = self._changes, {}
+        return out
+
+    def restore(self, items: list[tuple[str, bytes]]) -> int:
+        """Rebuild from table items written by :meth:`changes`; returns the rows restored."""
+        joined = {k[: -len(":joined")]: orjson.loads(v) for k, v in items if k.endswith(":joined") and v}
+        for k, v in items:
+            if k.endswith(":joined") or not v:
+                continue
+            b = decode_batch(v)
+            ch = _Chunk(
+                k,
+                b.task,
+                b.ids,
+                b.x,
+                b.x_train,
+                np.asarray(b.y),
+                float((b.ts or [0.0])[0]),
+                b.offsets,
+                np.ones(len(b.ids), dtype=bool),
+            )
+            for i in joined.get(k, []):
+                ch.open[i] = False
+            if ch.open.any():
+                self._insert(ch)
+        return self.rows
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Counters per task, with the rows still pending."""
+        pending: dict[str, int] = {t: 0 for t in self.counts}
+        for ch in self._chunks.values():
+            pending[ch.task] = pending.get(ch.task, 0) + int(ch.open.sum())
+        return {t: {**c, "pending": pending.get(t, 0)} for t, c in self.counts.items()}
+
+
+def _zero_counts() -> dict[str, int]:
+    return {
+        "added": 0,
+        "joined": 0,
+        "expired": 0,
+        "unknown_event": 0,
+        "duplicate": 0,
+        "unlabelled_expired": 0,
+        "evicted": 0,
+    }
