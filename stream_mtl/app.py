@@ -143,8 +143,9 @@ class Pipeline:
         async def publish_metrics() -> None:
             await self.train_if_idle()
             if self.trainer.pending_labels.ttl:
-                loop = asyncio.get_running_loop()
-                self._write_pending(await loop.run_in_executor(self._torch, self._sweep_labels))
+                expired, changes = await asyncio.get_running_loop().run_in_executor(self._torch, self._sweep_labels)
+                await self._send_expired(expired)
+                self._write_pending(changes)
             await self.publish_metrics()
 
         pipeline = self
@@ -288,8 +289,7 @@ class Pipeline:
                 log.info("labels.pending_restored", rows=rows)
         if batch.kind == "labels":
             expired, changes = await loop.run_in_executor(self._torch, self._join_labels, batch)
-            for e in expired:
-                await self.expired_topic.send(key=e.id.encode(), value=e.to_json())
+            await self._send_expired(expired)
             self._write_pending(changes)
             return
         learn = self._round_complete(batch.round, batch.round_size)
@@ -312,9 +312,13 @@ class Pipeline:
         expired = self.trainer.observe_labels(batch)
         return expired, self.trainer.pending_labels.changes()
 
-    def _sweep_labels(self) -> dict[str, Any]:
-        self.trainer.pending_labels.sweep()
-        return self.trainer.pending_labels.changes()
+    def _sweep_labels(self) -> tuple[list[Any], dict[str, Any]]:
+        expired = self.trainer.pending_labels.sweep()
+        return expired, self.trainer.pending_labels.changes()
+
+    async def _send_expired(self, expired: list[Any]) -> None:
+        for e in expired:
+            await self.expired_topic.send(key=e.id.encode(), value=e.to_json())
 
     def _write_pending(self, changes: dict[str, bytes | None]) -> None:
         """Mirror the pending-label store into its table (changelogged, so it survives a crash)."""

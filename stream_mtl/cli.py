@@ -68,11 +68,12 @@ def produce(
     asyncio.run(create_topics(settings.bootstrap, names.all()))
     t0 = time.time()
     rep = asyncio.run(
-        produce_events(
-            settings.bootstrap, names.source, load_producer(topology)(), topo, malformed=malformed, limit=limit
-        )
+        produce_events(settings.bootstrap, names, load_producer(topology)(), malformed=malformed, limit=limit)
     )
-    typer.echo(f"sent {rep.events} events + {rep.malformed} malformed to {names.source} in {time.time() - t0:.2f}s")
+    typer.echo(
+        f"sent {rep.events} events + {rep.malformed} malformed + {rep.labels} late labels "
+        f"to {', '.join(names.sources)} in {time.time() - t0:.2f}s"
+    )
 
 
 @app.command()

@@ -192,7 +192,7 @@ async def _produce_and_follow(
     await follower.start()
     try:
         events = load_producer(path)()
-        report = await produce_events(bootstrap, names.source, events, topology, malformed=malformed, limit=limit)
+        report = await produce_events(bootstrap, names, events, malformed=malformed, limit=limit)
         console.print(f"produced {report.events} events and {report.malformed} malformed records to {names.source}")
         deadline = time.time() + timeout
         snap = None

@@ -8,16 +8,18 @@ topic like malformed events.
 
 The trainer predicts an event without its label when it arrives and keeps it in
 :class:`PendingLabels` (bounded: rows, and a per-task TTL). A label that finds its event in
-time is evaluated against the prediction made *before* it arrived and then learned from; a
-label that comes too late, for an unknown event or twice becomes an :class:`ExpiredLabel` on
-``<app>.labels.expired`` with the reason. Nothing is filled in and nothing is dropped silently.
+time is evaluated against the prediction made *before* it arrived and then learned from. A
+label that overtakes its event (the two topics are read side by side) waits, bounded, for the
+event up to the same TTL. A label that comes too late, never meets its event or comes twice
+becomes an :class:`ExpiredLabel` on ``<app>.labels.expired`` with the reason. Nothing is
+filled in and nothing is dropped silently.
 
 >>> import numpy as np
 >>> p = PendingLabels(max_rows=10, ttl={"t": 60.0}, clock=lambda: 100.0)
 >>> _ = p.add("t", ["e1", "e2"], np.zeros((2, 3), np.float32), None, np.array([True, False]), {})
 >>> hit = p.join("t", ["e2", "e9"], [1.0, 0.0], [101.0, 101.0], [None, None])
->>> hit.ids, hit.y, [e.reason for e in hit.expired], p.rows
-(['e2'], [1.0], ['unknown_event'], 1)
+>>> hit.ids, hit.y, p.rows, p.early_rows            # e9 is not known yet: it waits for its event
+(['e2'], [1.0], 1, 1)
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ class PendingLabels:
         self._changes: dict[str, bytes | None] = {}
         #: (task, id) of labels already used (bounded like the rows), to tell a duplicate from an unknown id
         self._joined: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: labels that arrived before their event: (task, id) → (value, label ts, meta, arrival)
+        self._early: OrderedDict[tuple[str, str], tuple[Any, float, Any, float]] = OrderedDict()
+        self._early_overflow: list[ExpiredLabel] = []
 
     def add(
         self,
@@ -220,9 +225,13 @@ class PendingLabels:
         for eid, v, ts, m in zip(ids, values, label_ts, meta, strict=True):
             hit = self._index.pop((task, eid), None)
             if hit is None:
-                reason = "duplicate" if self._was_joined(task, eid) else "unknown_event"
-                res.expired.append(ExpiredLabel(eid, task, v, ts, m, reason))
-                c[reason] += 1
+                if self._was_joined(task, eid) or (task, eid) in self._early:
+                    res.expired.append(ExpiredLabel(eid, task, v, ts, m, "duplicate"))
+                    c["duplicate"] += 1
+                else:
+                    self._early[(task, eid)] = (v, ts, m, now)
+                    c["early"] += 1
+                    self._bound_early()
                 continue
             ch = self._chunks[hit[0]]
             row = hit[1]
@@ -249,6 +258,30 @@ class PendingLabels:
             self._touch(key)
         return res
 
+    @property
+    def early_rows(self) -> int:
+        """Labels waiting for their event."""
+        return len(self._early)
+
+    def take_early(self, task: str, ids: list[str]) -> dict[int, tuple[Any, float, Any]]:
+        """Labels that arrived before these events: row index → (value, label ts, meta); removed."""
+        if not self._early:
+            return {}
+        out: dict[int, tuple[Any, float, Any]] = {}
+        for i, eid in enumerate(ids):
+            hit = self._early.pop((task, eid), None)
+            if hit is not None:
+                out[i] = hit[:3]
+                self._remember(task, eid)
+                self.counts.setdefault(task, _zero_counts())["joined"] += 1
+        return out
+
+    def _bound_early(self) -> None:
+        while len(self._early) > self.max_rows:
+            (task, eid), (v, ts, m, _) = self._early.popitem(last=False)
+            self._early_overflow.append(ExpiredLabel(eid, task, v, ts, m, "unknown_event"))
+            self.counts[task]["unknown_event"] += 1
+
     def _was_joined(self, task: str, eid: str) -> bool:
         return (task, eid) in self._joined
 
@@ -272,17 +305,25 @@ class PendingLabels:
         self._changes[key] = None
         self._changes[key + ":joined"] = None
 
-    def sweep(self) -> int:
-        """Drop rows whose TTL has passed without a label; returns how many."""
+    def sweep(self) -> list[ExpiredLabel]:
+        """Drop rows whose TTL passed without a label (counted), and early labels whose event never came.
+
+        Returns those labels (reason ``unknown_event``) for ``<app>.labels.expired``.
+        """
         now = self.clock()
-        dropped = 0
         for key, ch in list(self._chunks.items()):
             if now - ch.at > self.ttl.get(ch.task, 0.0):
-                n = int(ch.open.sum())
-                self.counts[ch.task]["unlabelled_expired"] += n
-                dropped += n
+                self.counts[ch.task]["unlabelled_expired"] += int(ch.open.sum())
                 self._retire(key)
-        return dropped
+        out, self._early_overflow = self._early_overflow, []
+        while self._early:
+            (task, eid), (v, ts, m, at) = next(iter(self._early.items()))
+            if now - at <= self.ttl.get(task, 0.0):
+                break
+            del self._early[(task, eid)]
+            out.append(ExpiredLabel(eid, task, v, ts, m, "unknown_event"))
+            self.counts[task]["unknown_event"] += 1
+        return out
 
     def _bound(self) -> None:
         while self.rows > self.max_rows and self._chunks:
@@ -324,13 +365,19 @@ class PendingLabels:
         pending: dict[str, int] = {t: 0 for t in self.counts}
         for ch in self._chunks.values():
             pending[ch.task] = pending.get(ch.task, 0) + int(ch.open.sum())
-        return {t: {**c, "pending": pending.get(t, 0)} for t, c in self.counts.items()}
+        early: dict[str, int] = {}
+        for task, _ in self._early:
+            early[task] = early.get(task, 0) + 1
+        return {
+            t: {**c, "pending": pending.get(t, 0), "waiting_for_event": early.get(t, 0)} for t, c in self.counts.items()
+        }
 
 
 def _zero_counts() -> dict[str, int]:
     return {
         "added": 0,
         "joined": 0,
+        "early": 0,
         "expired": 0,
         "unknown_event": 0,
         "duplicate": 0,

@@ -1,7 +1,11 @@
-"""Replay a data set onto the source topic as single-event JSON messages (orjson).
+"""Replay a data set onto the source topics as single-event JSON messages (orjson).
 
 Optionally mixes in malformed records (bad JSON, wrong types, missing fields) so the
 dead-letter path is exercised; their keys start with ``malformed-``.
+
+A replayed item is an event dict; in a topology with several sources it names its source
+in ``"_source"`` (default: the first). An item ``{"_label": {"id", "task", "value", …}}`` is
+a late label and goes to ``<app>.labels``, keyed by the event id like its event.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from stream_mtl.topics import TopicNames
 from stream_mtl.topology import Topology
 
 __all__ = ["ProduceReport", "malformed_payloads", "produce_events"]
@@ -26,6 +31,7 @@ class ProduceReport:
     malformed: int = 0
     labelled: dict[str, int] = field(default_factory=dict)
     malformed_keys: list[bytes] = field(default_factory=list)
+    labels: int = 0  # late label messages
 
 
 def malformed_payloads(topology: Topology, n: int, seed: int = 0) -> list[bytes]:
@@ -46,18 +52,22 @@ def malformed_payloads(topology: Topology, n: int, seed: int = 0) -> list[bytes]
 
 async def produce_events(
     bootstrap: str,
-    topic: str,
+    names: TopicNames,
     events: Iterable[dict[str, Any]],
-    topology: Topology,
     malformed: int = 0,
     seed: int = 0,
     limit: int | None = None,
 ) -> ProduceReport:
-    """Send every event (key = event id) and ``malformed`` bad records spread among them."""
+    """Send every event (key = event id) and ``malformed`` bad records spread among them.
+
+    ``limit`` counts events (late labels ride along with the events they follow).
+    """
+    topology = names.topology
     from aiokafka import AIOKafkaProducer
 
     report = ProduceReport(labelled={t.name: 0 for t in topology.tasks})
-    evs = list(events) if limit is None else [e for _, e in zip(range(limit), events, strict=False)]
+    evs = _take(events, limit)
+    topic = names.source
     bad = malformed_payloads(topology, malformed, seed)
     rng = random.Random(seed)
     slots = sorted(rng.sample(range(len(evs) + len(bad)), len(bad))) if bad else []
@@ -77,10 +87,17 @@ async def produce_events(
                 report.malformed_keys.append(key)
                 continue
             ev = next(ev_iter)
+            label = ev.get("_label")
+            if label is not None:
+                futures.append(await producer.send(names.labels, orjson.dumps(label), key=str(label["id"]).encode()))
+                report.labels += 1
+                continue
+            src = ev.pop("_source", None)
             for t in topology.tasks:
                 if ev.get(t.label) is not None:
                     report.labelled[t.name] += 1
-            futures.append(await producer.send(topic, orjson.dumps(ev), key=str(ev[id_field]).encode()))
+            dest = topic if src is None else names.source_topic(src)
+            futures.append(await producer.send(dest, orjson.dumps(ev), key=str(ev[id_field]).encode()))
             report.events += 1
         await producer.flush()
         for f in futures:
@@ -88,3 +105,15 @@ async def produce_events(
     finally:
         await producer.stop()
     return report
+
+
+def _take(events: Iterable[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The first ``limit`` events (all when ``None``), with the late labels among them."""
+    out: list[dict[str, Any]] = []
+    n = 0
+    for ev in events:
+        if limit is not None and n >= limit and "_label" not in ev:
+            break
+        out.append(dict(ev))
+        n += "_label" not in ev
+    return out

@@ -105,16 +105,23 @@ class Trainer:
         xs = batch.x_train if batch.x_train is not None else batch.x
         y = batch.y
         if batch.task in self._late and None in y:
+            early = self.pending_labels.take_early(batch.task, batch.ids)
+            if early:  # labels that overtook their events: they are labelled now
+                y = list(y)
+                for i, (value, _ts, _meta) in early.items():
+                    if y[i] is None:
+                        y[i] = value
             have = [i for i, v in enumerate(y) if v is not None]
             missing = [i for i, v in enumerate(y) if v is None]
-            self.pending_labels.add(
-                batch.task,
-                [batch.ids[i] for i in missing],
-                batch.x[missing],
-                None if batch.x_train is None else batch.x_train[missing],
-                decided[missing],
-                batch.offsets,
-            )
+            if missing:
+                self.pending_labels.add(
+                    batch.task,
+                    [batch.ids[i] for i in missing],
+                    batch.x[missing],
+                    None if batch.x_train is None else batch.x_train[missing],
+                    decided[missing],
+                    batch.offsets,
+                )
             y, decided, xs = [y[i] for i in have], decided[have], xs[have]
         t2 = time.perf_counter()
         if y:

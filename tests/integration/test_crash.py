@@ -29,7 +29,7 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
     names = TopicNames(topo, "crash")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     stream = SyntheticStream(n_features=16, n_binary=3, n_regression=1, missing={"r0": 0.5}, seed=0)
-    report = asyncio.run(produce_events(broker.bootstrap, names.source, stream.events(N), topo))
+    report = asyncio.run(produce_events(broker.bootstrap, names, stream.events(N)))
     want = sum(report.labelled.values())
 
     first = start_worker("synthetic", app_id=names.app_id)

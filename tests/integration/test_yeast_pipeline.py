@@ -32,9 +32,7 @@ def yeast_run(broker, tmp_path_factory):
     names = TopicNames(TOPO, "yeastit")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     worker = WorkerProcess("yeast", broker, tmp_path_factory.mktemp("w") / "worker.log", app_id=names.app_id)
-    report = asyncio.run(
-        produce_events(broker.bootstrap, names.source, load_producer("yeast")(), TOPO, malformed=N_BAD)
-    )
+    report = asyncio.run(produce_events(broker.bootstrap, names, load_producer("yeast")(), malformed=N_BAD))
     try:
         yield names, report, worker
     finally:

@@ -68,14 +68,26 @@ def test_join_expiry_duplicates_and_unknown_ids() -> None:
     assert hit.ids == ["a"] and hit.decided == [True] and hit.x is not None and hit.x[0].tolist() == [1, 0, 0]
     assert hit.delays == [1.0]
     again = p.join("bought", ["a", "zz"], [1.0, 0.0], [1002.0, 1002.0], [None, None])
-    assert [e.reason for e in again.expired] == ["duplicate", "unknown_event"]
+    assert [e.reason for e in again.expired] == ["duplicate"]
+    assert p.early_rows == 1  # 'zz' may simply have overtaken its event: it waits, bounded by the TTL
     clock.now += 61  # past the TTL, not yet swept: the label is recognised as late
     late = p.join("bought", ["b"], [0.0], [clock.now], [{"src": "x"}])
     assert late.ids == [] and late.expired[0].reason == "expired" and late.expired[0].meta == {"src": "x"}
-    assert p.sweep() == 1 and p.rows == 0  # 'c' never got its label: dropped, counted, not filled in
+    swept = p.sweep()  # 'c' never got its label: dropped and counted, not filled in; 'zz' never met its event
+    assert [(e.id, e.reason) for e in swept] == [("zz", "unknown_event")] and p.rows == 0 and p.early_rows == 0
     snap = p.snapshot()["bought"]
     assert (snap["joined"], snap["expired"], snap["duplicate"], snap["unknown_event"]) == (1, 1, 1, 1)
     assert snap["unlabelled_expired"] == 1 and snap["pending"] == 0
+
+
+def test_a_label_that_overtakes_its_event_is_joined_when_the_event_comes() -> None:
+    clock = Clock()
+    tr = Trainer(_topology(), device="cpu", clock=clock)
+    labels = TaskBatch("bought", ["a"], np.zeros((1, 0), np.float32), [1.0], ts=[clock.now], kind="labels", meta=[None])
+    assert tr.observe_labels(labels) == []
+    tr.observe(TaskBatch("bought", ["a", "b"], np.ones((2, 1), np.float32), [None, None]))
+    assert tr.metrics["bought"].n == 1 and len(tr.buffers["bought"]) == 1  # 'a' labelled on arrival
+    assert tr.pending_labels.rows == 1 and tr.pending_labels.early_rows == 0  # 'b' still waits
 
 
 def test_pending_rows_are_bounded() -> None:
@@ -114,7 +126,7 @@ def test_trainer_predicts_now_and_learns_when_the_label_comes() -> None:
     expired = tr.observe_labels(
         TaskBatch(
             "bought",
-            ["a", "q"],
+            ["a", "a"],
             np.zeros((2, 0), np.float32),
             [1.0, 0.0],
             ts=[clock.now + 2, clock.now],
@@ -122,7 +134,7 @@ def test_trainer_predicts_now_and_learns_when_the_label_comes() -> None:
             meta=[None, None],
         )
     )
-    assert [e.id for e in expired] == ["q"]
+    assert [(e.id, e.reason) for e in expired] == [("a", "duplicate")]
     assert len(tr.buffers["bought"]) == 2 and tr.metrics["bought"].n == 2  # scored against the early prediction
     snap = tr.snapshot()["labels"]["bought"]
     assert snap["joined"] == 1 and snap["pending"] == 1 and snap["delay_mean_s"] == 2.0
