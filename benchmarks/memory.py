@@ -36,7 +36,8 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def stream_events(bootstrap: str, topic: str, n: int) -> None:
+async def stream_events(bootstrap: str, names: TopicNames, n: int) -> None:
+    """The synthetic stream, late labels to the labels topic, in chunks (never all in memory)."""
     from aiokafka import AIOKafkaProducer
 
     os.environ["STREAM_MTL_SYNTHETIC_EVENTS"] = str(n)
@@ -45,7 +46,11 @@ async def stream_events(bootstrap: str, topic: str, n: int) -> None:
     try:
         pending = []
         for ev in load_producer("synthetic")():
-            pending.append(await p.send(topic, orjson.dumps(ev), key=ev["id"].encode()))
+            label = ev.get("_label")
+            if label is not None:
+                pending.append(await p.send(names.labels, orjson.dumps(label), key=label["id"].encode()))
+            else:
+                pending.append(await p.send(names.source, orjson.dumps(ev), key=ev["id"].encode()))
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
                 pending.clear()
@@ -67,7 +72,7 @@ async def run(n: int, marks: list[int]) -> dict[str, float]:
         )  # fmt: skip
         follower = MetricsFollower(broker.bootstrap, names.metrics)
         await follower.start()
-        producer = asyncio.create_task(stream_events(broker.bootstrap, names.source, n))
+        producer = asyncio.create_task(stream_events(broker.bootstrap, names, n))
         t0 = time.time()
         try:
             todo = sorted(marks)
@@ -81,7 +86,11 @@ async def run(n: int, marks: list[int]) -> dict[str, float]:
                     samples[mark] = rss_mib(worker.pid)
                     el = time.time() - t0
                     rss = samples[mark]
-                    print(f"  {snap['events']:>9,} ingested {predicted:>9,} predicted  RSS {rss:7.1f} MiB  {el:.0f} s")
+                    lab = snap.get("labels", {}).get("r0", {})
+                    print(
+                        f"  {snap['events']:>9,} ingested {predicted:>9,} predicted  RSS {rss:7.1f} MiB  {el:.0f} s"
+                        f"  late r0 labels: {lab.get('joined', 0):,} joined, {lab.get('pending', 0):,} pending"
+                    )
             await producer
         finally:
             await follower.stop()
@@ -96,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.events
     marks = sorted({m for m in (100_000, 250_000, 500_000, n) if m <= n})
-    print(f"worker RSS, synthetic topology (4 tasks, sparse r0), {n:,} events on the embedded broker:")
+    print(f"worker RSS, synthetic topology (4 tasks, sparse r0 with late labels), {n:,} events on the embedded broker:")
     samples = asyncio.run(run(n, marks))
     first, last = samples[marks[0]], samples[marks[-1]]
     growth = (last - first) / first

@@ -31,19 +31,20 @@ from stream_mtl.synthetic import SyntheticStream, synthetic_topology
 from stream_mtl.topics import TopicNames, create_topics
 
 
-async def produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> float:
+async def produce(bootstrap: str, messages: list[tuple[str, bytes, bytes]]) -> float:
+    """Send ``(topic, key, value)`` messages in order; returns messages per second."""
     from aiokafka import AIOKafkaProducer
 
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, max_batch_size=512 * 1024)
     await p.start()
     t0 = time.perf_counter()
-    futs = [await p.send(topic, v, key=k) for k, v in payloads]
+    futs = [await p.send(topic, v, key=k) for topic, k, v in messages]
     await p.flush()
     for f in futs:
         await f
     el = time.perf_counter() - t0
     await p.stop()
-    return len(payloads) / el
+    return len(messages) / el
 
 
 async def bench_raw(bootstrap: str, topic: str, n: int) -> float:
@@ -110,8 +111,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def bench_pipeline(
-    bootstrap: str, topo: Any, n: int, labelled: dict[str, int], broker_pid: int
+    bootstrap: str, topo: Any, n: int, expected: dict[str, int], n_labels: int, broker_pid: int
 ) -> dict[str, Any]:
+    """The worker's pipeline in this process; done when every prediction is out, every late
+    label is accounted for (joined or expired) and the training buffers are drained."""
     settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench")
     names = TopicNames(topo, settings.app_id)
     await create_topics(bootstrap, names.all())
@@ -121,7 +124,13 @@ async def bench_pipeline(
     await pipe.app.start()
     deadline = time.time() + 900
     while time.time() < deadline:
-        if all(pipe.predicted[t] >= k for t, k in labelled.items()) and pipe.trainer.pending() == 0:
+        counts = list(pipe.trainer.pending_labels.counts.values())  # ints the torch thread updates
+        settled = sum(c["joined"] + c["expired"] + c["unknown_event"] + c["duplicate"] for c in counts)
+        if (
+            all(pipe.predicted[t] >= k for t, k in expected.items())
+            and settled >= n_labels
+            and pipe.trainer.pending() == 0
+        ):
             break
         await asyncio.sleep(0.01)
     t_done = time.time()
@@ -136,37 +145,61 @@ async def bench_pipeline(
         "startup_first_prediction": snap["first_prediction_at"] - t_start,
         "timings": snap["timings_s"],
         "micro_f1": snap["micro_f1"],
+        "late_joined": sum(c["joined"] for c in snap["labels"].values()),
         "steps": snap["steps"],
         "cpu_worker_s": cpu1[0] - cpu0[0],
         "cpu_broker_s": cpu1[1] - cpu0[1],
     }
 
 
-async def main(n: int, n_tasks: int, only_pipeline: bool = False) -> dict[str, Any]:
-    gen = SyntheticStream(n_features=16, n_binary=max(n_tasks - 1, 1), n_regression=1, missing={"r0": 0.5}, seed=0)
+async def main(n: int, n_tasks: int, only_pipeline: bool = False, late: bool = True) -> dict[str, Any]:
+    gen = SyntheticStream(
+        n_features=16,
+        n_binary=max(n_tasks - 1, 1),
+        n_regression=1,
+        missing={"r0": 0.5},
+        late={"r0": 0.5} if late else None,
+        seed=0,
+    )
     topo = synthetic_topology(gen, name="bench", sources=["source"])
-    source = TopicNames(topo, "bench").source  # all three read this topic
-    events = list(gen.events(n))
-    labelled = {t.name: sum(1 for e in events if e.get(t.label) is not None) for t in topo.tasks}
-    payloads = [(e["id"].encode(), orjson.dumps(e)) for e in events]
-    avg_bytes = sum(len(v) for _, v in payloads) / n
+    names = TopicNames(topo, "bench")
+    source = names.source  # all three read this topic
+    items = list(gen.events(n))
+    events = [e for e in items if "_label" not in e]
+    # in stream order: a late label follows its event by ``late_after`` events, as in production
+    messages = [
+        (names.labels, e["_label"]["id"].encode(), orjson.dumps(e["_label"]))
+        if "_label" in e
+        else (source, e["id"].encode(), orjson.dumps(e))
+        for e in items
+    ]
+    labels = [m for m in messages if m[0] == names.labels]
+    # predictions per task: every labelled event, and every event for a task that takes late labels
+    expected = {
+        t.name: sum(1 for e in events if e.get(t.label) is not None or t.label_ttl_s is not None) for t in topo.tasks
+    }
+    avg_bytes = sum(len(v) for t, _, v in messages if t == source) / n
     async with EmbeddedBroker() as broker:
-        await create_topics(broker.bootstrap, {source: 1})
-        prod_rate = await produce(broker.bootstrap, source, payloads)
+        await create_topics(broker.bootstrap, {source: 1, names.labels: 1})
+        prod_rate = await produce(broker.bootstrap, messages)
         if only_pipeline:  # for profiling the pipeline alone
             raw, bare, bare_start = float("nan"), float("nan"), float("nan")
         else:
             raw = await bench_raw(broker.bootstrap, source, n)
             bare, bare_start = await bench_bare_faust(broker.bootstrap, source, n)
-        pipe = await bench_pipeline(broker.bootstrap, topo, n, labelled, broker.pid)
+        pipe = await bench_pipeline(broker.bootstrap, topo, n, expected, len(labels), broker.pid)
 
     rows = [
-        ("producer (aiokafka send)", prod_rate),
+        ("producer (aiokafka send, + labels)", prod_rate),
         ("raw aiokafka getmany consume", raw),
         ("bare Faust agent, 1 event/iteration", bare),
         ("stream_mtl pipeline, end to end", pipe["events_per_s"]),
     ]
-    print(f"\n{n:,} events, {avg_bytes:.0f} B each, {len(topo.tasks)} tasks, 1 partition, embedded Tansu broker\n")
+    late_txt = f", {len(labels):,} late labels on {names.labels}" if labels else ""
+    print(
+        f"\n{n:,} events, {avg_bytes:.0f} B each, {len(topo.tasks)} tasks{late_txt}, 1 partition, "
+        "embedded Tansu broker\n"
+    )
     print(f"{'what':<40} {'events/s':>12}")
     print("-" * 53)
     for name, rate in rows:
@@ -196,6 +229,8 @@ async def main(n: int, n_tasks: int, only_pipeline: bool = False) -> dict[str, A
         "ratio": round(pipe["events_per_s"] / bare, 3),
         "ratio_to_raw": round(pipe["events_per_s"] / raw, 3),
         "startup_first_event_s": round(pipe["startup_first_event"], 2),
+        "late_labels": len(labels),
+        "late_joined": pipe["late_joined"],
     }
     print(orjson.dumps(result).decode())
     return result
@@ -206,5 +241,6 @@ if __name__ == "__main__":
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--only-pipeline", action="store_true", help="skip the baselines (for profiling)")
+    ap.add_argument("--no-late", action="store_true", help="every label on its event (no <app>.labels stream)")
     args = ap.parse_args()
-    asyncio.run(main(args.events, args.tasks, args.only_pipeline))
+    asyncio.run(main(args.events, args.tasks, args.only_pipeline, late=not args.no_late))

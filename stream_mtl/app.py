@@ -36,6 +36,7 @@ import orjson
 import torch
 from mode import Service
 
+from stream_mtl.alignment import LabelAligner
 from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
 from stream_mtl.faust_compat import keep_subscribed
 from stream_mtl.log import get_logger
@@ -68,6 +69,7 @@ class Pipeline:
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
         self.trainer = Trainer(topology)
         self._pending_restored = False
+        self.aligner = LabelAligner()
         self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
         self.started_at = time.time()
         self.first_event_at: float | None = None
@@ -178,6 +180,7 @@ class Pipeline:
                 return None
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
+                pipeline.aligner.paused = False  # a new assignment starts unpaused
                 items = list(pipeline.features.items())
                 for tp in assigned:
                     if tp.topic in pipeline.names.sources:
@@ -196,12 +199,18 @@ class Pipeline:
             # which left a restarted worker waiting for the member it replaced)
             rebalance_timeout_ms=int(max(2 * s.session_timeout, 4.0) * 1000),
             max_partition_fetch_bytes=8 * 1024 * 1024,
+            # a fetch for partitions without buffered data (an idle labels topic) blocks the next fetch
+            # of the busy source for up to this long: aiokafka's 500 ms default halved the throughput
+            fetch_max_wait_ms=20,
             # range: partition p of every source and of the labels topic go to the same worker,
             # so an event and its late label (same key, same partition count) meet there
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         await self._consumer.start()
-        self._consumer.subscribe([*self.names.sources, self.names.labels], listener=Listener())
+        # the labels topic only when some task takes late labels (else nobody may write to it)
+        late = any(t.label_ttl_s is not None for t in self.topology.tasks)
+        topics = [*self.names.sources, *([self.names.labels] if late else [])]
+        self._consumer.subscribe(topics, listener=Listener())
 
     async def stop_ingest(self) -> None:
         consumer = getattr(self, "_consumer", None)
@@ -221,6 +230,7 @@ class Pipeline:
         try:
             while not service.should_stop:
                 data = await consumer.getmany(timeout_ms=100 if in_flight else 200, max_records=max_records)
+                self._align_labels(data)
                 if not data:
                     if in_flight:  # quiet stream: settle what is in flight now
                         await self._settle(*in_flight)
@@ -237,6 +247,23 @@ class Pipeline:
         finally:
             if in_flight:
                 await self._settle(*in_flight)
+
+    def _align_labels(self, data: dict[Any, list[Any]]) -> None:
+        """Pause the labels partitions while they run ahead of the events (see :mod:`stream_mtl.alignment`)."""
+        labels = self.names.labels
+        src_ts = lab_ts = None
+        src_n = 0
+        for tp, recs in data.items():
+            if tp.topic == labels:
+                lab_ts = max(lab_ts or 0, recs[-1].timestamp)
+            else:
+                src_ts = max(src_ts or 0, recs[-1].timestamp)
+                src_n += len(recs)
+        was = self.aligner.paused
+        pause = self.aligner.observe(src_ts, lab_ts, src_n)
+        if pause != was:
+            tps = [tp for tp in self._consumer.assignment() if tp.topic == labels]
+            (self._consumer.pause if pause else self._consumer.resume)(*tps)
 
     async def _ingest_batch(self, data: dict[Any, list[Any]], seq: int) -> list[Any]:
         """Steps 1–2 of the commit order for one poll; returns the send futures."""
@@ -362,6 +389,7 @@ class Pipeline:
             **snap,
             "first_prediction_at": self.first_prediction_at,
             "labels_received": ing.labels,
+            "labels_paused": self.aligner.pauses,
             "feature_state_n": ing.feature_counts(),
             "timings_s": {**ing.timings, **self.trainer.timings, **self.timings},
         }

@@ -100,8 +100,11 @@ def label_batch(task: str, ids: list[str], values: list[Any], ts: list[float], m
     return TaskBatch(task, ids, np.zeros((len(ids), 0), np.float32), values, ts=ts, kind="labels", meta=meta)
 
 
-def decode_batch(data: bytes) -> TaskBatch:
-    """Parse a message value written by :func:`encode_batch`."""
+def decode_batch(data: bytes, copy: bool = True) -> TaskBatch:
+    """Parse a message value written by :func:`encode_batch`.
+
+    ``copy=False`` returns read-only matrices that are views of ``data`` (no second copy).
+    """
     if len(data) < 8 or data[:4] != MAGIC:
         raise CodecError("not a stream_mtl batch frame (bad magic)")
     (hlen,) = _LEN.unpack_from(data, 4)
@@ -114,7 +117,7 @@ def decode_batch(data: bytes) -> TaskBatch:
     copies = 2 if header.get("xt") else 1
     if len(payload) != copies * n * d * 4:
         raise CodecError(f"batch payload is {len(payload)} bytes, expected {copies * n * d * 4}")
-    both = np.frombuffer(bytearray(payload), dtype=np.float32)  # writable (torch wants that)
+    both = np.frombuffer(bytearray(payload) if copy else payload, dtype=np.float32)  # a copy is writable (torch)
     x = both[: n * d].reshape(n, d)
     x_train = both[n * d :].reshape(n, d) if copies == 2 else None
     return TaskBatch(

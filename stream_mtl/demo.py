@@ -193,7 +193,11 @@ async def _produce_and_follow(
     try:
         events = load_producer(path)()
         report = await produce_events(bootstrap, names, events, malformed=malformed, limit=limit)
-        console.print(f"produced {report.events} events and {report.malformed} malformed records to {names.source}")
+        late = f", {report.labels} late labels to {names.labels}" if report.labels else ""
+        console.print(
+            f"produced {report.events} events and {report.malformed} malformed records to "
+            f"{', '.join(names.sources)}{late}"
+        )
         deadline = time.time() + timeout
         snap = None
         interactive = console.is_terminal

@@ -144,21 +144,39 @@ class _Chunk:
     at: float
     offsets: dict[str, list[int]]
     open: np.ndarray  # bool per row: still waiting
+    seq: int = 0
 
-    def frame(self) -> bytes:
-        return encode_batch(
-            TaskBatch(
-                self.task,
-                self.ids,
-                self.x,
-                self.decided.tolist(),
-                offsets=self.offsets,
-                ts=[self.at],
-                round=self.key,
-                x_train=self.x_train,
-                kind="pending",
-            )
-        )
+
+def _encode_chunk(
+    key: str,
+    task: str,
+    ids: list[str],
+    x: np.ndarray,
+    x_train: np.ndarray | None,
+    decided: np.ndarray,
+    at: float,
+    offsets: dict[str, list[int]],
+) -> bytes:
+    batch = TaskBatch(
+        task, ids, x, decided.tolist(), offsets=offsets, ts=[at], round=key, x_train=x_train, kind="pending"
+    )
+    return encode_batch(batch)
+
+
+def _chunk(key: str, frame: bytes) -> _Chunk:
+    """A chunk whose matrices are views of its frame: the table and the store share one copy."""
+    b = decode_batch(frame, copy=False)
+    return _Chunk(
+        key,
+        b.task,
+        b.ids,
+        b.x,
+        b.x_train,
+        np.asarray(b.y),
+        float((b.ts or [0.0])[0]),
+        b.offsets,
+        np.ones(len(b.ids), dtype=bool),
+    )
 
 
 class PendingLabels:
@@ -174,13 +192,17 @@ class PendingLabels:
         self.ttl = ttl
         self.clock = clock
         self._chunks: OrderedDict[str, _Chunk] = OrderedDict()
-        self._index: dict[tuple[str, str], tuple[str, int]] = {}
+        #: task → event id → chunk sequence number << 24 | row (ints, not tuples: this is the big one)
+        self._index: dict[str, dict[str, int]] = {t: {} for t in ttl}
+        self._by_seq: dict[int, _Chunk] = {}
         self._seq = 0
         self.rows = 0
         self.counts: dict[str, dict[str, int]] = {t: _zero_counts() for t in ttl}
         self._changes: dict[str, bytes | None] = {}
         #: (task, id) of labels already used (bounded like the rows), to tell a duplicate from an unknown id
-        self._joined: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._joined: dict[str, OrderedDict[str, None]] = {t: OrderedDict() for t in ttl}
+        #: how many used label ids each task remembers (a duplicate older than that reads as unknown)
+        self._joined_cap = max(1, max_rows // 10 // max(1, len(ttl)))
         #: labels that arrived before their event: (task, id) → (value, label ts, meta, arrival)
         self._early: OrderedDict[tuple[str, str], tuple[Any, float, Any, float]] = OrderedDict()
         self._early_overflow: list[ExpiredLabel] = []
@@ -198,20 +220,23 @@ class PendingLabels:
         """Keep unlabelled, already predicted rows of one task until their labels arrive."""
         self._seq += 1
         key = key or f"{task}:{self.clock():.6f}:{self._seq}"
-        ch = _Chunk(
-            key, task, list(ids), x, x_train, np.asarray(decided), self.clock(), offsets, np.ones(len(ids), dtype=bool)
-        )
-        self._insert(ch)
-        self._changes[key] = ch.frame()
+        frame = _encode_chunk(key, task, ids, x, x_train, np.asarray(decided), self.clock(), offsets)
+        self._insert(_chunk(key, frame))
+        self._changes[key] = frame
         self.counts[task]["added"] += len(ids)
         self._bound()
         return key
 
     def _insert(self, ch: _Chunk) -> None:
         self._chunks[ch.key] = ch
+        self._seq += 1
+        ch.seq = self._seq
+        self._by_seq[ch.seq] = ch
+        index = self._index.setdefault(ch.task, {})
+        base = ch.seq << 24
         for i, eid in enumerate(ch.ids):
             if ch.open[i]:
-                self._index[(ch.task, eid)] = (ch.key, i)
+                index[eid] = base | i
         self.rows += int(ch.open.sum())
 
     def join(self, task: str, ids: list[str], values: list[Any], label_ts: list[float], meta: list[Any]) -> JoinResult:
@@ -222,8 +247,9 @@ class PendingLabels:
         rows_x, rows_xt = [], []
         touched: set[str] = set()
         c = self.counts.setdefault(task, _zero_counts())
+        index = self._index.setdefault(task, {})
         for eid, v, ts, m in zip(ids, values, label_ts, meta, strict=True):
-            hit = self._index.pop((task, eid), None)
+            hit = index.pop(eid, None)
             if hit is None:
                 if self._was_joined(task, eid) or (task, eid) in self._early:
                     res.expired.append(ExpiredLabel(eid, task, v, ts, m, "duplicate"))
@@ -233,8 +259,8 @@ class PendingLabels:
                     c["early"] += 1
                     self._bound_early()
                 continue
-            ch = self._chunks[hit[0]]
-            row = hit[1]
+            ch = self._by_seq[hit >> 24]
+            row = hit & 0xFFFFFF
             ch.open[row] = False
             self.rows -= 1
             touched.add(ch.key)
@@ -283,12 +309,13 @@ class PendingLabels:
             self.counts[task]["unknown_event"] += 1
 
     def _was_joined(self, task: str, eid: str) -> bool:
-        return (task, eid) in self._joined
+        return eid in self._joined.get(task, ())
 
     def _remember(self, task: str, eid: str) -> None:
-        self._joined[(task, eid)] = None
-        if len(self._joined) > self.max_rows:
-            self._joined.popitem(last=False)
+        joined = self._joined.setdefault(task, OrderedDict())
+        joined[eid] = None
+        if len(joined) > self._joined_cap:
+            joined.popitem(last=False)
 
     def _touch(self, key: str) -> None:
         ch = self._chunks[key]
@@ -299,8 +326,10 @@ class PendingLabels:
 
     def _retire(self, key: str) -> None:
         ch = self._chunks.pop(key)
+        del self._by_seq[ch.seq]
+        index = self._index.get(ch.task, {})
         for i in np.flatnonzero(ch.open).tolist():
-            self._index.pop((ch.task, ch.ids[i]), None)
+            index.pop(ch.ids[i], None)
         self.rows -= int(ch.open.sum())
         self._changes[key] = None
         self._changes[key + ":joined"] = None
@@ -342,18 +371,7 @@ class PendingLabels:
         for k, v in items:
             if k.endswith(":joined") or not v:
                 continue
-            b = decode_batch(v)
-            ch = _Chunk(
-                k,
-                b.task,
-                b.ids,
-                b.x,
-                b.x_train,
-                np.asarray(b.y),
-                float((b.ts or [0.0])[0]),
-                b.offsets,
-                np.ones(len(b.ids), dtype=bool),
-            )
+            ch = _chunk(k, v)
             for i in joined.get(k, []):
                 ch.open[i] = False
             if ch.open.any():
@@ -366,7 +384,7 @@ class PendingLabels:
         for ch in self._chunks.values():
             pending[ch.task] = pending.get(ch.task, 0) + int(ch.open.sum())
         early: dict[str, int] = {}
-        for task, _ in self._early:
+        for task, _ in list(self._early):
             early[task] = early.get(task, 0) + 1
         return {
             t: {**c, "pending": pending.get(t, 0), "waiting_for_event": early.get(t, 0)} for t, c in self.counts.items()

@@ -28,9 +28,18 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
     topo = load_topology("synthetic")
     names = TopicNames(topo, "crash")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
-    stream = SyntheticStream(n_features=16, n_binary=3, n_regression=1, missing={"r0": 0.5}, seed=0)
+    stream = SyntheticStream.default()  # the stream topologies/synthetic declares (late labels on r0)
     report = asyncio.run(produce_events(broker.bootstrap, names, stream.events(N)))
-    want = sum(report.labelled.values())
+    assert report.events == N and report.labels > 0
+    events = [e for e in stream.events(N) if "_label" not in e]
+    # labelled events of every task, and every event for a task with late labels (predicted on arrival)
+    expected = {
+        (ev["id"], t.name)
+        for ev in events
+        for t in topo.tasks
+        if ev.get(t.label) is not None or t.label_ttl_s is not None
+    }
+    want = len(expected)
 
     first = start_worker("synthetic", app_id=names.app_id)
     # kill it once it has predicted something but not everything
@@ -56,7 +65,6 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
     )
     got = pairs(recs)
     assert len(got) == want  # every labelled example predicted at least once
-    expected = {(ev["id"], t.name) for ev in stream.events(N) for t in topo.tasks if ev.get(t.label) is not None}
     assert got == expected
     total_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs)
     assert total_rows >= want  # duplicates are allowed (replayed since the last commit) …
