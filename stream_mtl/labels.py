@@ -130,6 +130,7 @@ class JoinResult:
     y: list[Any] = field(default_factory=list)
     decided: list[Any] = field(default_factory=list)  # the predictions made before the labels came
     delays: list[float] = field(default_factory=list)  # label time - arrival time
+    meta: list[Any] = field(default_factory=list)  # each joined label's metadata
     expired: list[ExpiredLabel] = field(default_factory=list)
 
 
@@ -273,6 +274,7 @@ class PendingLabels:
             res.y.append(v)
             res.decided.append(ch.decided[row].tolist())
             res.delays.append(max(0.0, ts - ch.at))
+            res.meta.append(m)
             rows_x.append(ch.x[row])
             if ch.x_train is not None:
                 rows_xt.append(ch.x_train[row])

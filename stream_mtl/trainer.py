@@ -25,6 +25,9 @@ from stream_mtl.topology import Topology
 
 __all__ = ["Trainer", "default_device"]
 
+#: Distinct label sources counted per task before the rest are counted as "other".
+MAX_LABEL_SOURCES = 32
+
 
 def default_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
@@ -65,6 +68,8 @@ class Trainer:
         self.lineage: dict[str, list[int]] = {}
         self.feature_versions: set[str] = set()
         self.label_delay = {name: [0, 0.0] for name in ttl}  # joined labels, summed delay (s)
+        #: joined labels per task by their metadata's "source" (at most MAX_LABEL_SOURCES names, then "other")
+        self.label_sources: dict[str, dict[str, int]] = {name: {} for name in ttl}
 
     @property
     def version(self) -> str:
@@ -144,6 +149,12 @@ class Trainer:
             d = self.label_delay[batch.task]
             d[0] += len(res.delays)
             d[1] += float(sum(res.delays))
+            sources = self.label_sources[batch.task]
+            for m in res.meta:
+                src = str(m.get("source", "unspecified")) if isinstance(m, dict) else "unspecified"
+                if src not in sources and len(sources) >= MAX_LABEL_SOURCES:
+                    src = "other"
+                sources[src] = sources.get(src, 0) + 1
         return res.expired
 
     def _learn_from(self, task: str, x: np.ndarray, y: list[Any]) -> None:
@@ -204,7 +215,11 @@ class Trainer:
             "batch_composition": self.batch_composition,
             "buffer_dropped": {t: b.dropped for t, b in self.buffers.items()},
             "labels": {
-                t: {**c, "delay_mean_s": self.label_delay[t][1] / max(1, self.label_delay[t][0])}
+                t: {
+                    **c,
+                    "delay_mean_s": self.label_delay[t][1] / max(1, self.label_delay[t][0]),
+                    "sources": dict(self.label_sources.get(t, {})),
+                }
                 for t, c in self.pending_labels.snapshot().items()
             },
             "synthetic": dict(self.augmenter.synthetic),

@@ -103,6 +103,7 @@ def test_late_labels_are_joined_and_the_rest_reported(broker, shop_run) -> None:
     for task, n in real.items():
         assert snap["tasks"][task]["n"] == n  # every joined label scored against its earlier prediction
     assert snap["labels"]["bought"]["duplicate"] == 0
+    assert snap["labels"]["bought"]["sources"] == {"orders": real["bought"]}  # label metadata kept
     expired = asyncio.run(
         read_topic(broker.bootstrap, names.labels_expired, lambda rs: len(rs) >= len(ghosts), 30, worker.alive)
     )

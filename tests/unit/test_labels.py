@@ -138,3 +138,4 @@ def test_trainer_predicts_now_and_learns_when_the_label_comes() -> None:
     assert len(tr.buffers["bought"]) == 2 and tr.metrics["bought"].n == 2  # scored against the early prediction
     snap = tr.snapshot()["labels"]["bought"]
     assert snap["joined"] == 1 and snap["pending"] == 1 and snap["delay_mean_s"] == 2.0
+    assert snap["sources"] == {"unspecified": 1}
