@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "Augment",
+    "BalancerSpec",
     "EventSchema",
     "FeatureSpec",
     "GaussianNoise",
@@ -189,6 +190,7 @@ class TaskSpec(_Frozen):
     features: list[str] | None = None
     label_ttl_s: float | None = Field(default=None, gt=0)
     augment: list[Augment] = Field(default_factory=list)
+    lr_scale: float = Field(default=1.0, gt=0, description="multiplies the model lr for this task's head")
 
     @model_validator(mode="after")
     def _default_loss(self) -> TaskSpec:
@@ -210,13 +212,24 @@ class TaskSpec(_Frozen):
         return [a for a in self.augment if a.kind == kind]
 
 
+class BalancerSpec(_Frozen):
+    """How per-task losses become one update (see :mod:`stream_mtl.balancing`)."""
+
+    kind: Literal["static", "uncertainty", "dwa", "gradnorm", "pcgrad"] = "static"
+    window: int = Field(default=20, ge=1, description="dwa: steps per loss window")
+    temperature: float = Field(default=2.0, gt=0, description="dwa: softmax temperature")
+    alpha: float = Field(default=1.5, ge=0, description="gradnorm: restoring-force strength")
+    lr: float = Field(default=0.025, gt=0, description="gradnorm: learning rate of the task weights")
+
+
 class ModelSpec(_Frozen):
-    """The torch model: shared trunk layer sizes and the optimiser."""
+    """The torch model: shared trunk layer sizes, the optimiser and the loss balancer."""
 
     trunk: list[int] = Field(default_factory=lambda: [256, 256])
     lr: float = Field(default=1e-3, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     detach_dependencies: bool = True
+    balancer: BalancerSpec = Field(default_factory=BalancerSpec)
 
 
 class SamplerSpec(_Frozen):

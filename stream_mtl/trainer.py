@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from stream_mtl.augment import Augmenter
+from stream_mtl.balancing import UncertaintyWeighting, make_balancer
 from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
 from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
@@ -48,8 +49,13 @@ class Trainer:
         self.topology = topology
         self.device = torch.device(device) if device is not None else default_device()
         self.model = MTLModel(topology).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=topology.model.lr, fused=True)
-        self.weights = {t.name: t.weight for t in topology.tasks}
+        self.balancer = make_balancer(topology.model.balancer, topology)
+        if isinstance(self.balancer, UncertaintyWeighting):
+            self.balancer.to(self.device)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=topology.model.lr, fused=True)
+        #: the shared trunk's parameters (what PCGrad projects and GradNorm measures)
+        self.shared_params = list(self.model.trunk.parameters())
+        self.task_weights: dict[str, float] = {t.name: t.weight for t in topology.tasks}
         self.k_max = max(t.output_dim for t in topology.tasks)
         self.buffers = {t.name: TaskBuffer(topology.buffer_size) for t in topology.tasks}
         self.sampler = make_sampler(topology.sampler)
@@ -70,6 +76,19 @@ class Trainer:
         self.label_delay = {name: [0, 0.0] for name in ttl}  # joined labels, summed delay (s)
         #: joined labels per task by their metadata's "source" (at most MAX_LABEL_SOURCES names, then "other")
         self.label_sources: dict[str, dict[str, int]] = {name: {} for name in ttl}
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Trunk at the model lr; each head at lr × its task's ``lr_scale``; balancer parameters."""
+        lr = self.topology.model.lr
+        groups: list[dict[str, Any]] = [{"params": list(self.model.trunk.parameters()), "lr": lr, "name": "trunk"}]
+        for t in self.topology.tasks:
+            groups.append(
+                {"params": list(self.model.heads[t.name].parameters()), "lr": lr * t.lr_scale, "name": f"head.{t.name}"}
+            )
+        extra = self.balancer.parameters()
+        if extra:
+            groups.append({"params": extra, "lr": lr * 10, "name": "balancer"})
+        return groups
 
     @property
     def version(self) -> str:
@@ -180,9 +199,8 @@ class Trainer:
         x = torch.from_numpy(batch.x).to(self.device)
         y = torch.from_numpy(batch.y).to(self.device)
         losses = block_losses(self.model, x, y, batch.blocks)
-        total = sum(self.weights[t] * loss for t, loss in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[union-attr]
+        self.task_weights = self.balancer.backward(losses, self.shared_params)
         self.optimizer.step()
         self.steps += 1
         self.examples_learned += int(batch.x.shape[0])
@@ -212,6 +230,7 @@ class Trainer:
             "examples_learned": self.examples_learned,
             "model_version": self.version,
             "losses": self.last_losses,
+            "task_weights": self.task_weights,
             "batch_composition": self.batch_composition,
             "buffer_dropped": {t: b.dropped for t, b in self.buffers.items()},
             "labels": {
