@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ async def run(n: int, marks: list[int]) -> dict[str, float]:
             [sys.executable, "-m", "stream_mtl", "worker", "--topology", "synthetic", "--broker", broker.url,
              "--session-timeout", "2"],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env={**os.environ, "STREAM_MTL_DATA_DIR": tempfile.mkdtemp()},  # no earlier checkpoint
         )  # fmt: skip
         follower = MetricsFollower(broker.bootstrap, names.metrics)
         await follower.start()

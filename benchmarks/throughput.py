@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ async def bench_pipeline(
 ) -> dict[str, Any]:
     """The worker's pipeline in this process; done when every prediction is out, every late
     label is accounted for (joined or expired) and the training buffers are drained."""
-    settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench")
+    # a fresh data dir: no checkpoint of an earlier run to resume from
+    settings = Settings(broker=f"kafka://{bootstrap}", session_timeout=2, app_id="bench", data_dir=tempfile.mkdtemp())
     names = TopicNames(topo, settings.app_id)
     await create_topics(bootstrap, names.all())
     pipe = build_app(topo, settings)

@@ -37,6 +37,7 @@ import torch
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
+from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
 from stream_mtl.faust_compat import keep_subscribed
 from stream_mtl.log import get_logger
@@ -79,7 +80,29 @@ class Pipeline:
         self.timings = {"ingest_send": 0.0, "ingest_commit": 0.0, "predictions_send": 0.0}
         #: the one thread that touches the model: observe, train and snapshot run there in order
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-mtl-torch")
+        self.checkpoints = CheckpointStore(
+            settings.data_dir / self.names.app_id / "checkpoints", topology.spec_hash(), keep=settings.checkpoint_keep
+        )
+        self.checkpointed_step = self._resume()
         self.app = self._build_app()
+
+    def _resume(self) -> int:
+        """Load the newest verified checkpoint (broken ones are skipped with a warning); its step."""
+        loaded = self.checkpoints.load_latest()
+        if loaded is None:
+            return -1
+        tensors, manifest = loaded
+        self.trainer.restore(tensors, manifest)
+        log.info("checkpoint.resumed", step=self.trainer.steps, dir=str(self.checkpoints.dir))
+        return self.trainer.steps
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint if the model changed since the last one (runs in the trainer thread)."""
+        if self.trainer.steps == self.checkpointed_step:
+            return
+        path = self.checkpoints.save(self.trainer.state_tensors(), self.trainer.state_json())
+        self.checkpointed_step = self.trainer.steps
+        log.info("checkpoint.saved", step=self.trainer.steps, file=path.name)
 
     # -- the Faust app -------------------------------------------------------------------------
     def _build_app(self) -> faust.App:
@@ -150,7 +173,22 @@ class Pipeline:
                 self._write_pending(changes)
             await self.publish_metrics()
 
+        if self.settings.checkpoint_interval > 0:
+
+            @app.timer(self.settings.checkpoint_interval)
+            async def checkpoint_timer() -> None:
+                await asyncio.get_running_loop().run_in_executor(self._torch, self.checkpoint)
+
         pipeline = self
+
+        class CheckpointOnStop(Service):
+            """A last checkpoint when the worker stops cleanly (SIGTERM)."""
+
+            async def on_stop(self) -> None:
+                if pipeline.settings.checkpoint_interval > 0:
+                    await asyncio.get_running_loop().run_in_executor(pipeline._torch, pipeline.checkpoint)
+
+        app.service(CheckpointOnStop)
 
         class IngestService(Service):
             """Reads the source topic in batches and runs decode → validate → features → route."""
@@ -388,6 +426,7 @@ class Pipeline:
             "pending": self.trainer.pending(),
             **snap,
             "first_prediction_at": self.first_prediction_at,
+            "checkpointed_step": self.checkpointed_step,
             "labels_received": ing.labels,
             "labels_paused": self.aligner.pauses,
             "feature_state_n": ing.feature_counts(),

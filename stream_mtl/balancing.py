@@ -79,6 +79,17 @@ class LossBalancer:
         """Tensor state for the checkpoint's safetensors file."""
         return {f"balancer.{i}": p.detach() for i, p in enumerate(self.parameters())}
 
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`tensors` (missing names keep their current value)."""
+        mine = dict(self._tensor_params())
+        for name, value in tensors.items():
+            if name in mine:
+                with torch.no_grad():
+                    mine[name].copy_(value.to(mine[name].device))
+
+    def _tensor_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"balancer.{i}", p) for i, p in enumerate(self.parameters())]
+
 
 class StaticWeights(LossBalancer):
     """``Σ w_t L_t`` with fixed weights (the topology's ``TaskSpec.weight``)."""
@@ -208,6 +219,9 @@ class GradNorm(LossBalancer):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"balancer.gradnorm_w": self.w.detach()}
+
+    def _tensor_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [("balancer.gradnorm_w", self.w)]
 
 
 class PCGrad(LossBalancer):

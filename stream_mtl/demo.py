@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,12 +136,19 @@ def run_demo(
         bootstrap = parse_broker_url(url)
         asyncio.run(create_topics(bootstrap, names.all()))
         run_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = run_dir / "data"  # the worker's checkpoints: a fresh embedded broker means a fresh model
+        if broker is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
         worker_log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
         stack.callback(worker_log.close)
         t_start = time.time()
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream_mtl", "worker", "--topology", str(path), "--broker", url],
-            env={**os.environ, "STREAM_MTL_SESSION_TIMEOUT": os.environ.get("STREAM_MTL_SESSION_TIMEOUT", "2")},
+            env={
+                **os.environ,
+                "STREAM_MTL_SESSION_TIMEOUT": os.environ.get("STREAM_MTL_SESSION_TIMEOUT", "2"),
+                "STREAM_MTL_DATA_DIR": os.environ.get("STREAM_MTL_DATA_DIR", str(data_dir)),
+            },
             stdout=worker_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

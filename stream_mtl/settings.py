@@ -30,13 +30,18 @@ class Settings(BaseSettings):
     session_timeout: float = Field(default=10.0, gt=0)
     commit_interval: float = Field(default=1.0, gt=0, description="seconds between Faust offset commits")
     metrics_interval: float = Field(default=1.0, gt=0, description="seconds between metric snapshots")
-    data_dir: Path = Field(default=Path(tempfile.gettempdir()) / "stream_mtl", description="Faust's local data")
+    data_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "stream_mtl",
+        description="Faust's local data and the checkpoints (<data_dir>/<app_id>/checkpoints)",
+    )
     run_dir: Path | None = Field(default=None, description="where metrics.json is written")
     torch_threads: int = Field(default=1, ge=1, description="leave a core to the event loop")
     #: The trainer thread and the event loop share the GIL. At CPython's default 5 ms switch interval the
     #: thread convoys behind the loop (each tiny torch op waits for the GIL); 1 ms measured +25–35 % events/s.
     gil_switch_interval: float = Field(default=0.001, gt=0)
     log_level: str = "WARNING"
+    checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
+    checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")
 
     @property
     def bootstrap(self) -> str:

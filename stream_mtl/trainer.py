@@ -221,6 +221,53 @@ class Trainer:
         self.timings["learn"] += time.perf_counter() - t0
         return steps
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the training state: model, optimiser moments, balancer parameters."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for idx, st in self.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    out[f"optim.{idx}.{k}"] = v
+        out.update(self.balancer.tensors())
+        return out
+
+    def state_json(self) -> dict[str, Any]:
+        """The rest of the training state, JSON-ready (the checkpoint manifest carries it)."""
+        osd = self.optimizer.state_dict()
+        return {
+            "step": self.steps,
+            "examples_learned": self.examples_learned,
+            "optimizer": {"param_groups": osd["param_groups"]},
+            "balancer": self.balancer.state_dict(),
+            "sampler": {"credit": dict(self.sampler._credit or {})},
+            "offsets": self.lineage,
+            "feature_versions": sorted(self.feature_versions),
+        }
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Load a checkpoint written from :meth:`state_tensors` and :meth:`state_json`."""
+        model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model)
+        osd = self.optimizer.state_dict()
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                moments.setdefault(int(idx), {})[name] = v.to(self.device)
+        groups = state.get("optimizer", {}).get("param_groups", osd["param_groups"])
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        self.balancer.load_tensors(tensors)
+        self.balancer.load_state_dict(state.get("balancer", {}))
+        self.sampler._credit = {k: float(v) for k, v in state.get("sampler", {}).get("credit", {}).items()}
+        self.steps = int(state.get("step", 0))
+        self.examples_learned = int(state.get("examples_learned", 0))
+        self.lineage = {k: list(v) for k, v in state.get("offsets", {}).items()}
+        self.feature_versions = set(state.get("feature_versions", []))
+
     def snapshot(self) -> dict[str, Any]:
         """Per-task metrics, losses and counters (JSON-ready)."""
         return {

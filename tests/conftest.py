@@ -52,7 +52,8 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # one data dir per test: workers of one test share checkpoints, tests do not
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "STREAM_MTL_DATA_DIR": str(log_path.parent / "data")},
         )
 
     def alive(self) -> bool:
