@@ -70,6 +70,8 @@ class Pipeline:
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
         self.trainer = Trainer(topology)
         self._pending_restored = False
+        self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
+        self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
         self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
         self.started_at = time.time()
@@ -163,6 +165,10 @@ class Pipeline:
         @app.task
         async def subscription_guard() -> None:
             await keep_subscribed(app, train_in.topics)
+
+        @app.task
+        async def loop_lag_probe() -> None:
+            await self.watch_loop_lag(app)
 
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:
@@ -410,6 +416,16 @@ class Pipeline:
         if self.trainer.pending() and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
             await asyncio.get_running_loop().run_in_executor(self._torch, self.trainer.train)
 
+    async def watch_loop_lag(self, app: faust.App, period: float = 0.05) -> None:
+        """How late the event loop wakes a sleeper: the train step must never hold it (a metric)."""
+        loop = asyncio.get_running_loop()
+        while not app.should_stop:
+            t0 = loop.time()
+            await asyncio.sleep(period)
+            lag = max(0.0, loop.time() - t0 - period)
+            self.loop_lag_max = max(self.loop_lag_max, lag)
+            self.loop_lag_mean = 0.95 * self.loop_lag_mean + 0.05 * lag
+
     # -- metrics ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         ing = self.ingest
@@ -427,6 +443,7 @@ class Pipeline:
             **snap,
             "first_prediction_at": self.first_prediction_at,
             "checkpointed_step": self.checkpointed_step,
+            "event_loop_lag_ms": {"max": self.loop_lag_max * 1e3, "mean": self.loop_lag_mean * 1e3},
             "labels_received": ing.labels,
             "labels_paused": self.aligner.pauses,
             "feature_state_n": ing.feature_counts(),
@@ -435,6 +452,7 @@ class Pipeline:
 
     async def publish_metrics(self) -> None:
         snap = await asyncio.get_running_loop().run_in_executor(self._torch, self.snapshot)
+        self.loop_lag_max = 0.0
         body = orjson.dumps(snap)
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
         if self.settings.run_dir is not None:

@@ -20,12 +20,16 @@ import numpy as np
 from stream_mtl.topology import SamplerSpec
 
 __all__ = [
+    "AdaptiveSampler",
+    "AnnealedTemperatureSampler",
     "MixedBatch",
+    "Reservoir",
     "TaskBuffer",
     "TaskSampler",
     "TemperatureSampler",
     "assemble",
     "make_sampler",
+    "with_replay",
 ]
 
 
@@ -162,13 +166,140 @@ class TemperatureSampler(TaskSampler):
         return {t: float(n) ** inv for t, n in sizes.items() if n > 0}
 
 
+class AnnealedTemperatureSampler(TemperatureSampler):
+    """A temperature that moves linearly from ``start`` to ``end`` over ``steps`` batches.
+
+    >>> s = AnnealedTemperatureSampler(start=5.0, end=1.0, steps=4)
+    >>> [round(s.temperature, 1) for _ in range(5) if s.allocate({"a": 90, "b": 10}, 8)]
+    [4.0, 3.0, 2.0, 1.0, 1.0]
+    """
+
+    def __init__(self, start: float, end: float, steps: int):
+        super().__init__(start)
+        self.start, self.end, self.steps, self.step = start, end, steps, 0
+
+    def allocate(self, sizes: dict[str, int], batch_size: int) -> dict[str, int]:
+        self.step += 1
+        frac = min(1.0, self.step / self.steps)
+        self.temperature = self.start + (self.end - self.start) * frac
+        return super().allocate(sizes, batch_size)
+
+
+class AdaptiveSampler(TemperatureSampler):
+    """Temperature weights, raised for a task whose loss is rising or that a drift alert named.
+
+    :meth:`observe_losses` compares a fast and a slow moving average of each task's loss; a
+    task whose fast average is above its slow one gets ×``boost``. :meth:`boost_task` (called by
+    drift feedback) raises a task for ``boost_steps`` batches, decaying linearly back to 1.
+
+    >>> s = AdaptiveSampler(temperature=1.0, boost=3.0, boost_steps=10)
+    >>> s.boost_task("b")
+    >>> s.allocate({"a": 100, "b": 100}, 8)
+    {'a': 2, 'b': 6}
+    """
+
+    def __init__(self, temperature: float = 1.0, boost: float = 2.0, boost_steps: int = 200):
+        super().__init__(temperature)
+        self.boost, self.boost_steps = boost, boost_steps
+        self.fast: dict[str, float] = {}
+        self.slow: dict[str, float] = {}
+        self.boosted: dict[str, int] = {}  # task → batches of boost left
+
+    def observe_losses(self, losses: dict[str, float]) -> None:
+        for t, v in losses.items():
+            self.fast[t] = v if t not in self.fast else 0.7 * self.fast[t] + 0.3 * v
+            self.slow[t] = v if t not in self.slow else 0.97 * self.slow[t] + 0.03 * v
+
+    def boost_task(self, task: str) -> None:
+        self.boosted[task] = self.boost_steps
+
+    def factor(self, task: str) -> float:
+        f = 1.0
+        left = self.boosted.get(task, 0)
+        if left > 0:
+            f *= 1.0 + (self.boost - 1.0) * left / self.boost_steps
+        if task in self.fast and self.fast[task] > 1.05 * self.slow[task]:
+            f *= self.boost
+        return f
+
+    def weights(self, sizes: dict[str, int]) -> dict[str, float]:
+        base = super().weights(sizes)
+        return {t: w * self.factor(t) for t, w in base.items()}
+
+    def allocate(self, sizes: dict[str, int], batch_size: int) -> dict[str, int]:
+        out = super().allocate(sizes, batch_size)
+        for t in list(self.boosted):
+            self.boosted[t] -= 1
+            if self.boosted[t] <= 0:
+                del self.boosted[t]
+        return out
+
+
 def make_sampler(spec: SamplerSpec) -> TaskSampler:
     """The sampler a topology declares."""
     if spec.kind == "uniform":
         return TemperatureSampler(float("inf"))
     if spec.kind == "temperature":
         return TemperatureSampler(spec.temperature)
+    if spec.kind == "annealed":
+        return AnnealedTemperatureSampler(spec.temperature, spec.final_temperature, spec.anneal_steps)
+    if spec.kind == "adaptive":
+        return AdaptiveSampler(spec.temperature, spec.boost, spec.boost_steps)
     return TemperatureSampler(1.0)
+
+
+class Reservoir:
+    """A uniform sample (Vitter's algorithm R) of every example a task has seen, for replay.
+
+    >>> r = Reservoir(capacity=100, d=1, k=1, seed=0)
+    >>> for i in range(1000):
+    ...     r.add(np.full((1, 1), i, np.float32), np.zeros((1, 1), np.float32))
+    >>> r.n, r.seen, 200 < float(r.x[: r.n].mean()) < 800     # old and new alike
+    (100, 1000, True)
+    """
+
+    def __init__(self, capacity: int, d: int, k: int, seed: int = 0):
+        self.x = np.zeros((capacity, d), np.float32)
+        self.y = np.zeros((capacity, k), np.float32)
+        self.n = 0
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        cap = self.x.shape[0]
+        for i in range(x.shape[0]):
+            self.seen += 1
+            if self.n < cap:
+                j = self.n
+                self.n += 1
+            else:
+                j = int(self.rng.integers(0, self.seen))
+                if j >= cap:
+                    continue
+            self.x[j] = x[i]
+            self.y[j, : y.shape[1]] = y[i]
+
+    def sample(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.rng.integers(0, self.n, size=m) if self.n else np.zeros(0, np.int64)
+        return self.x[idx], self.y[idx]
+
+
+def with_replay(batch: MixedBatch, reservoirs: dict[str, Reservoir], share: float) -> MixedBatch:
+    """Append to each task's block ``share`` of its rows drawn from the task's reservoir (old examples)."""
+    xs, ys, blocks, start = [], [], {}, 0
+    for task, (a, b) in batch.blocks.items():
+        xs.append(batch.x[a:b])
+        ys.append(batch.y[a:b])
+        res = reservoirs.get(task)
+        m = round(share * (b - a))
+        if res is not None and res.n and m:
+            rx, ry = res.sample(m)
+            xs.append(rx)
+            ys.append(ry[:, : batch.y.shape[1]])
+        n = sum(x.shape[0] for x in xs) - start
+        blocks[task] = (start, start + n)
+        start += n
+    return MixedBatch(np.concatenate(xs), np.concatenate(ys), blocks)
 
 
 @dataclass

@@ -233,10 +233,21 @@ class ModelSpec(_Frozen):
 
 
 class SamplerSpec(_Frozen):
-    """How a mixed mini-batch is split across tasks (see :mod:`stream_mtl.batching`)."""
+    """How a mixed mini-batch is split across tasks (see :mod:`stream_mtl.batching`).
 
-    kind: Literal["proportional", "uniform", "temperature"] = "proportional"
+    ``annealed`` moves the temperature from ``temperature`` to ``final_temperature`` over
+    ``anneal_steps`` steps; ``adaptive`` raises (×``boost``, decaying over ``boost_steps``) the
+    weight of a task whose recent loss rises or which a drift alert names.
+    """
+
+    kind: Literal["proportional", "uniform", "temperature", "annealed", "adaptive"] = "proportional"
     temperature: float = Field(default=1.0, gt=0)
+    final_temperature: float = Field(default=1.0, gt=0)
+    anneal_steps: int = Field(default=10_000, ge=1)
+    boost: float = Field(default=2.0, ge=1.0)
+    boost_steps: int = Field(default=200, ge=1)
+    replay_share: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of each task's rows replayed")
+    replay_size: int = Field(default=2_000, ge=1, description="reservoir of past examples kept per task")
 
 
 class Topology(_Frozen):

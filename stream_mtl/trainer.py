@@ -17,7 +17,7 @@ import torch
 
 from stream_mtl.augment import Augmenter
 from stream_mtl.balancing import UncertaintyWeighting, make_balancer
-from stream_mtl.batching import MixedBatch, TaskBuffer, assemble, make_sampler
+from stream_mtl.batching import AdaptiveSampler, MixedBatch, Reservoir, TaskBuffer, assemble, make_sampler, with_replay
 from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
 from stream_mtl.labels import ExpiredLabel, PendingLabels
@@ -59,6 +59,16 @@ class Trainer:
         self.k_max = max(t.output_dim for t in topology.tasks)
         self.buffers = {t.name: TaskBuffer(topology.buffer_size) for t in topology.tasks}
         self.sampler = make_sampler(topology.sampler)
+        share = topology.sampler.replay_share
+        self.replay_share = share
+        self.reservoirs = (
+            {
+                t.name: Reservoir(topology.sampler.replay_size, topology.input_dim, self.k_max, seed=seed + i)
+                for i, t in enumerate(topology.tasks)
+            }
+            if share > 0
+            else {}
+        )
         self.metrics = {t.name: TaskMetrics(t) for t in topology.tasks}
         self.steps = 0
         self.examples_learned = 0
@@ -181,6 +191,8 @@ class Trainer:
         x = np.asarray(x, dtype=np.float32)
         self.buffers[task].push(x, targets)
         self.augmenter.remember(task, x, targets)
+        if self.reservoirs:
+            self.reservoirs[task].add(x, targets)
 
     def _trace(self, batch: TaskBatch) -> None:
         self.feature_versions.add(batch.feature_version)
@@ -216,7 +228,12 @@ class Trainer:
         while self.pending() > min_pending:
             sizes = {t: len(b) for t, b in self.buffers.items()}
             counts = self.sampler.allocate(sizes, bs)
-            self.step(assemble(self.buffers, counts, self.k_max))
+            batch = assemble(self.buffers, counts, self.k_max)
+            if self.reservoirs:
+                batch = with_replay(batch, self.reservoirs, self.replay_share)
+            losses = self.step(batch)
+            if isinstance(self.sampler, AdaptiveSampler):
+                self.sampler.observe_losses(losses)
             steps += 1
         self.timings["learn"] += time.perf_counter() - t0
         return steps
