@@ -284,14 +284,23 @@ class Reservoir:
         return self.x[idx], self.y[idx]
 
 
-def with_replay(batch: MixedBatch, reservoirs: dict[str, Reservoir], share: float) -> MixedBatch:
-    """Append to each task's block ``share`` of its rows drawn from the task's reservoir (old examples)."""
+def with_replay(
+    batch: MixedBatch, reservoirs: dict[str, Reservoir], share: float, credit: dict[str, float] | None = None
+) -> MixedBatch:
+    """Append to each task's block ``share`` of its rows drawn from the task's reservoir (old examples).
+
+    ``credit`` carries the fractions rounding leaves over to the next batch, so a task with one
+    row per batch still gets its replay share over time.
+    """
+    credit = credit if credit is not None else {}
     xs, ys, blocks, start = [], [], {}, 0
     for task, (a, b) in batch.blocks.items():
         xs.append(batch.x[a:b])
         ys.append(batch.y[a:b])
         res = reservoirs.get(task)
-        m = round(share * (b - a))
+        want = share * (b - a) + credit.get(task, 0.0)
+        m = int(want)
+        credit[task] = want - m
         if res is not None and res.n and m:
             rx, ry = res.sample(m)
             xs.append(rx)

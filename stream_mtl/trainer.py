@@ -61,6 +61,7 @@ class Trainer:
         self.sampler = make_sampler(topology.sampler)
         share = topology.sampler.replay_share
         self.replay_share = share
+        self._replay_credit: dict[str, float] = {}
         self.reservoirs = (
             {
                 t.name: Reservoir(topology.sampler.replay_size, topology.input_dim, self.k_max, seed=seed + i)
@@ -140,11 +141,12 @@ class Trainer:
         y = batch.y
         if batch.task in self._late and None in y:
             early = self.pending_labels.take_early(batch.task, batch.ids)
-            if early:  # labels that overtook their events: they are labelled now
+            if early:  # labels that overtook their events: they are labelled now (delay 0: they were first)
                 y = list(y)
                 for i, (value, _ts, _meta) in early.items():
                     if y[i] is None:
                         y[i] = value
+                self._count_joined(batch.task, [0.0] * len(early), [m for _, _, m in early.values()])
             have = [i for i, v in enumerate(y) if v is not None]
             missing = [i for i, v in enumerate(y) if v is None]
             if missing:
@@ -175,16 +177,20 @@ class Trainer:
         if res.ids and res.x is not None:
             self.metrics[batch.task].update(np.asarray(res.y), np.asarray(res.decided))
             self._learn_from(batch.task, res.x_train if res.x_train is not None else res.x, res.y)
-            d = self.label_delay[batch.task]
-            d[0] += len(res.delays)
-            d[1] += float(sum(res.delays))
-            sources = self.label_sources[batch.task]
-            for m in res.meta:
-                src = str(m.get("source", "unspecified")) if isinstance(m, dict) else "unspecified"
-                if src not in sources and len(sources) >= MAX_LABEL_SOURCES:
-                    src = "other"
-                sources[src] = sources.get(src, 0) + 1
+            self._count_joined(batch.task, res.delays, res.meta)
         return res.expired
+
+    def _count_joined(self, task: str, delays: list[float], metas: list[Any]) -> None:
+        """Label delay and label sources of joined late labels (metrics)."""
+        d = self.label_delay[task]
+        d[0] += len(delays)
+        d[1] += float(sum(delays))
+        sources = self.label_sources[task]
+        for m in metas:
+            src = str(m.get("source", "unspecified")) if isinstance(m, dict) else "unspecified"
+            if src not in sources and len(sources) >= MAX_LABEL_SOURCES:
+                src = "other"
+            sources[src] = sources.get(src, 0) + 1
 
     def _learn_from(self, task: str, x: np.ndarray, y: list[Any]) -> None:
         targets = self._targets(task, y)
@@ -230,7 +236,7 @@ class Trainer:
             counts = self.sampler.allocate(sizes, bs)
             batch = assemble(self.buffers, counts, self.k_max)
             if self.reservoirs:
-                batch = with_replay(batch, self.reservoirs, self.replay_share)
+                batch = with_replay(batch, self.reservoirs, self.replay_share, self._replay_credit)
             losses = self.step(batch)
             if isinstance(self.sampler, AdaptiveSampler):
                 self.sampler.observe_losses(losses)

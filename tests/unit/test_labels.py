@@ -88,6 +88,7 @@ def test_a_label_that_overtakes_its_event_is_joined_when_the_event_comes() -> No
     tr.observe(TaskBatch("bought", ["a", "b"], np.ones((2, 1), np.float32), [None, None]))
     assert tr.metrics["bought"].n == 1 and len(tr.buffers["bought"]) == 1  # 'a' labelled on arrival
     assert tr.pending_labels.rows == 1 and tr.pending_labels.early_rows == 0  # 'b' still waits
+    assert tr.snapshot()["labels"]["bought"]["sources"] == {"unspecified": 1}  # counted like any joined label
 
 
 def test_pending_rows_are_bounded() -> None:
