@@ -188,6 +188,10 @@ class EventValidator:
                 return reason
         return None
 
+    def check_label(self, label_field: str, v: object) -> str | None:
+        """``None`` when ``v`` is a valid value of a task's label field, else the reason."""
+        return self._check_optional(label_field, "", v)
+
     def _check_optional(self, name: str, typ: str, v: object) -> str | None:
         task = self.labels.get(name)
         if task is not None:

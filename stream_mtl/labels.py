@@ -41,10 +41,16 @@ __all__ = ["ExpiredLabel", "JoinResult", "PendingLabels", "parse_labels"]
 
 
 def parse_labels(
-    records: list[SourceRecord], topology: Topology, clock: Callable[[], float] = time.time
+    records: list[SourceRecord],
+    topology: Topology,
+    clock: Callable[[], float] = time.time,
+    validator: EventValidator | None = None,
 ) -> tuple[list[TaskBatch], list[DeadLetter]]:
-    """Label messages of one partition → one ``labels`` frame per task, and dead letters."""
-    validator = _validator(topology)
+    """Label messages of one partition → one ``labels`` frame per task, and dead letters.
+
+    ``validator`` (built once by the caller) checks label values against the task kinds.
+    """
+    validator = validator or EventValidator(topology)
     late = {t.name: t for t in topology.tasks if t.label_ttl_s is not None}
     per_task: dict[str, tuple[list[str], list[Any], list[float], list[Any]]] = {}
     dead: list[DeadLetter] = []
@@ -74,16 +80,6 @@ def parse_labels(
     return frames, dead
 
 
-_VALIDATORS: dict[int, EventValidator] = {}
-
-
-def _validator(topology: Topology) -> EventValidator:
-    v = _VALIDATORS.get(id(topology))
-    if v is None:
-        v = _VALIDATORS[id(topology)] = EventValidator(topology)
-    return v
-
-
 def _check_label(msg: object, late: dict[str, Any], validator: EventValidator) -> str | None:
     if type(msg) is not dict:
         return "label message must be a JSON object with id, task and value"
@@ -96,7 +92,7 @@ def _check_label(msg: object, late: dict[str, Any], validator: EventValidator) -
         return f"field 'task': {name!r} does not take late labels (tasks with label_ttl_s: {known})"
     if msg.get("value") is None:
         return "field 'value': missing"
-    reason = validator._check_optional(late[name].label, "", msg["value"])
+    reason = validator.check_label(late[name].label, msg["value"])
     if reason:
         return reason.replace(f"field {late[name].label!r}", "field 'value'")
     ts = msg.get("ts")

@@ -56,6 +56,7 @@ class IngestStage:
         self.labels_topic = labels_topic
         self.clock = clock
         self.validators = {src: EventValidator(topology, src) for src in topology.sources}
+        self.label_validator = EventValidator(topology)
         text = {
             f.name: ex
             for f in topology.features
@@ -104,7 +105,7 @@ class IngestStage:
 
     def _process_labels(self, recs: list[SourceRecord], out: IngestOutput) -> None:
         t0 = time.perf_counter()
-        frames, dead = parse_labels(recs, self.topology, self.clock)
+        frames, dead = parse_labels(recs, self.topology, self.clock, self.label_validator)
         out.batches.extend(frames)
         out.dead.extend(dead)
         n = sum(len(f) for f in frames)
