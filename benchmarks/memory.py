@@ -2,7 +2,7 @@
 
 A ``stream-mtl worker`` subprocess runs the synthetic topology on the embedded broker; this
 process streams the events in chunks (never holding them all) and samples the worker's RSS
-from ``/proc`` when its metrics say it has processed 100k, 250k, 500k and 1M events. Usage::
+(its own plus its trainer process's) from ``/proc`` when its metrics say it has processed 100k, 250k, 500k and 1M events. Usage::
 
     .venv/bin/python benchmarks/memory.py [--events 1000000]
 """
@@ -85,12 +85,16 @@ async def run(n: int, marks: list[int]) -> dict[str, float]:
                 predicted = max(snap["predicted"].values()) if snap else 0  # events through the trainer
                 if snap and predicted >= todo[0]:
                     mark = todo.pop(0)
-                    samples[mark] = rss_mib(worker.pid)
+                    # the worker and its trainer process (forked: shared pages count twice, an upper bound)
+                    trainer = snap.get("trainer_pid")
+                    own, child = rss_mib(worker.pid), (rss_mib(trainer) if trainer else 0.0)
+                    samples[mark] = own + child
                     el = time.time() - t0
                     rss = samples[mark]
                     lab = snap.get("labels", {}).get("r0", {})
                     print(
-                        f"  {snap['events']:>9,} ingested {predicted:>9,} predicted  RSS {rss:7.1f} MiB  {el:.0f} s"
+                        f"  {snap['events']:>9,} ingested {predicted:>9,} predicted  RSS {rss:7.1f} MiB "
+                        f"(worker {own:.1f} + trainer {child:.1f})  {el:.0f} s"
                         f"  late r0 labels: {lab.get('joined', 0):,} joined, {lab.get('pending', 0):,} pending"
                     )
             await producer

@@ -23,11 +23,11 @@ Commit order in the ingest service, per polled batch (at-least-once):
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,14 @@ from mode import Service
 
 from stream_mtl.alignment import LabelAligner
 from stream_mtl.checkpoint import CheckpointStore
-from stream_mtl.codec import PredictionBatch, TaskBatch, decode_batch, encode_batch
-from stream_mtl.faust_compat import keep_subscribed
+from stream_mtl.codec import decode_batch, encode_batch
+from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.pipeline import IngestStage
 from stream_mtl.settings import Settings
 from stream_mtl.topics import FEATURE_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
-from stream_mtl.trainer import Trainer
+from stream_mtl.trainer_host import Expired, TrainerHost, TrainerSession
 
 log = get_logger(__name__)
 
@@ -55,6 +55,12 @@ __all__ = ["Pipeline", "build_app"]
 IDLE_TRAIN_AFTER_S = 0.2
 #: Task-batch frames Faust may buffer per stream ahead of the trainer (backpressure bound).
 STREAM_BUFFER_FRAMES = 256
+#: How long the broker may hold a fetch for partitions with nothing new (both consumers; see
+#: :mod:`stream_mtl.faust_compat`): an idle partition must not hold back a busy one.
+FETCH_MAX_WAIT_MS = 20
+#: Task frames handed to the trainer process per call, and how long to wait for more than one.
+TAKE_FRAMES = 16
+TAKE_WITHIN_S = 0.005
 #: Rounds kept while waiting for their remaining task batches (bounded).
 MAX_OPEN_ROUNDS = 256
 
@@ -68,43 +74,29 @@ class Pipeline:
         self.names = TopicNames(topology, settings.app_id)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
-        self.trainer = Trainer(topology)
         self._pending_restored = False
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
+        #: some task takes late labels (the labels topic is read, pending examples are swept)
+        self.late = any(t.label_ttl_s is not None for t in topology.tasks)
         self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
         self.started_at = time.time()
         self.first_event_at: float | None = None
+        self.last_event_at: float | None = None  # the last poll that returned records
         self.last_batch_at = 0.0
         self._rounds: dict[str, int] = {}
         self.first_prediction_at: float | None = None
         self.timings = {"ingest_send": 0.0, "ingest_commit": 0.0, "predictions_send": 0.0}
-        #: the one thread that touches the model: observe, train and snapshot run there in order
-        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-mtl-torch")
-        self.checkpoints = CheckpointStore(
+        checkpoints = CheckpointStore(
             settings.data_dir / self.names.app_id / "checkpoints", topology.spec_hash(), keep=settings.checkpoint_keep
         )
-        self.checkpointed_step = self._resume()
+        #: the model and everything that learns, in its own process (see :mod:`stream_mtl.trainer_host`);
+        #: started before the Faust app exists, so the fork copies no running threads
+        self.trainer = TrainerHost(
+            lambda: TrainerSession(topology, checkpoints), settings.trainer_process, settings.torch_threads
+        )
         self.app = self._build_app()
-
-    def _resume(self) -> int:
-        """Load the newest verified checkpoint (broken ones are skipped with a warning); its step."""
-        loaded = self.checkpoints.load_latest()
-        if loaded is None:
-            return -1
-        tensors, manifest = loaded
-        self.trainer.restore(tensors, manifest)
-        log.info("checkpoint.resumed", step=self.trainer.steps, dir=str(self.checkpoints.dir))
-        return self.trainer.steps
-
-    def checkpoint(self) -> None:
-        """Write a checkpoint if the model changed since the last one (runs in the trainer thread)."""
-        if self.trainer.steps == self.checkpointed_step:
-            return
-        path = self.checkpoints.save(self.trainer.state_tensors(), self.trainer.state_json())
-        self.checkpointed_step = self.trainer.steps
-        log.info("checkpoint.saved", step=self.trainer.steps, file=path.name)
 
     # -- the Faust app -------------------------------------------------------------------------
     def _build_app(self) -> faust.App:
@@ -133,6 +125,7 @@ class Pipeline:
             # 256 are ≤ 33 MiB and still hide the fetch round trip; 32 measured slower)
             stream_buffer_maxsize=STREAM_BUFFER_FRAMES,
         )
+        set_fetch_max_wait(app, FETCH_MAX_WAIT_MS)
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
         self.dlq_topic = app.topic(self.names.dlq, **raw)
         self.task_topics = {t.name: app.topic(self.names.task(t.name), **raw) for t in self.topology.tasks}
@@ -159,8 +152,9 @@ class Pipeline:
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
         async def trainer_agent(stream: faust.StreamT) -> None:
-            async for value in stream:
-                await self.on_task_batch(value)
+            # the frames that are ready, in one trainer call; Faust acks them once it returns
+            async for values in stream.take(TAKE_FRAMES, within=TAKE_WITHIN_S):
+                await self.on_task_batches(values)
 
         @app.task
         async def subscription_guard() -> None:
@@ -173,8 +167,8 @@ class Pipeline:
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:
             await self.train_if_idle()
-            if self.trainer.pending_labels.ttl:
-                expired, changes = await asyncio.get_running_loop().run_in_executor(self._torch, self._sweep_labels)
+            if self.late:
+                expired, changes = await self.trainer.call("sweep")
                 await self._send_expired(expired)
                 self._write_pending(changes)
             await self.publish_metrics()
@@ -183,16 +177,17 @@ class Pipeline:
 
             @app.timer(self.settings.checkpoint_interval)
             async def checkpoint_timer() -> None:
-                await asyncio.get_running_loop().run_in_executor(self._torch, self.checkpoint)
+                await self.trainer.call("checkpoint")
 
         pipeline = self
 
         class CheckpointOnStop(Service):
-            """A last checkpoint when the worker stops cleanly (SIGTERM)."""
+            """A last checkpoint when the worker stops cleanly (SIGTERM), then the trainer process exits."""
 
             async def on_stop(self) -> None:
-                if pipeline.settings.checkpoint_interval > 0:
-                    await asyncio.get_running_loop().run_in_executor(pipeline._torch, pipeline.checkpoint)
+                if pipeline.settings.checkpoint_interval > 0 and not pipeline.trainer.closed:
+                    await pipeline.trainer.call("checkpoint")
+                pipeline.trainer.close()
 
         app.service(CheckpointOnStop)
 
@@ -245,15 +240,14 @@ class Pipeline:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             # a fetch for partitions without buffered data (an idle labels topic) blocks the next fetch
             # of the busy source for up to this long: aiokafka's 500 ms default halved the throughput
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             # range: partition p of every source and of the labels topic go to the same worker,
             # so an event and its late label (same key, same partition count) meet there
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         await self._consumer.start()
         # the labels topic only when some task takes late labels (else nobody may write to it)
-        late = any(t.label_ttl_s is not None for t in self.topology.tasks)
-        topics = [*self.names.sources, *([self.names.labels] if late else [])]
+        topics = [*self.names.sources, *([self.names.labels] if self.late else [])]
         self._consumer.subscribe(topics, listener=Listener())
 
     async def stop_ingest(self) -> None:
@@ -280,8 +274,9 @@ class Pipeline:
                         await self._settle(*in_flight)
                         in_flight = None
                     continue
+                self.last_event_at = time.time()
                 if self.first_event_at is None:
-                    self.first_event_at = time.time()
+                    self.first_event_at = self.last_event_at
                 seq += 1
                 futures = await self._ingest_batch(data, seq)
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in data.items()}
@@ -341,55 +336,44 @@ class Pipeline:
         self.timings["ingest_commit"] += time.perf_counter() - t0
 
     # -- trainer ---------------------------------------------------------------------------------
-    async def on_task_batch(self, value: bytes) -> None:
+    async def on_task_batches(self, values: list[bytes]) -> None:
         """Predict, emit predictions, buffer; train once a round of task batches is complete.
 
-        A ``labels`` frame is joined to the pending examples instead; labels that found none
-        go to ``<app>.labels.expired``. The torch work runs in the trainer's own thread, so
-        ingest keeps flowing meanwhile. Outputs are sent without waiting: Faust flushes its
-        producer before it commits the offsets of the task batches they came from (at-least-once).
+        ``values`` are the task frames Faust had ready, in order, handed to the trainer process in
+        one call. A ``labels`` frame is joined to the pending examples instead; labels that found
+        none go to ``<app>.labels.expired``. Outputs are sent without waiting: Faust acks the
+        frames after this returns and flushes its producer before it commits their offsets
+        (at-least-once).
         """
-        loop = asyncio.get_running_loop()
-        batch = decode_batch(value)
         self.last_batch_at = time.monotonic()
         if not self._pending_restored:
             self._pending_restored = True
             items = [(k, v) for k, v in self.pending.items() if v]
             if items:
-                rows = await loop.run_in_executor(self._torch, self.trainer.pending_labels.restore, items)
+                rows = await self.trainer.call("restore_pending", items)
                 log.info("labels.pending_restored", rows=rows)
-        if batch.kind == "labels":
-            expired, changes = await loop.run_in_executor(self._torch, self._join_labels, batch)
-            await self._send_expired(expired)
-            self._write_pending(changes)
-            return
-        learn = self._round_complete(batch.round, batch.round_size)
-        preds, changes = await loop.run_in_executor(self._torch, self._observe_and_learn, batch, learn)
+        frames = []
+        for value in values:
+            header = decode_batch(value, copy=False)  # routing fields only; the trainer decodes it itself
+            learn = header.kind != "labels" and self._round_complete(header.round, header.round_size)
+            frames.append((value, learn))
+        outputs, changes = await self.trainer.call("process", frames)
         self._write_pending(changes)
         t0 = time.perf_counter()
-        await self.predictions_topic.send(key=batch.task.encode(), value=preds.to_json())
+        for out in outputs:
+            if len(out) == 2:
+                await self._send_expired(out[1])
+                continue
+            task, preds, n = out
+            await self.predictions_topic.send(key=task.encode(), value=preds)
+            self.predicted[task] += n
+            if self.first_prediction_at is None:
+                self.first_prediction_at = time.time()
         self.timings["predictions_send"] += time.perf_counter() - t0
-        if self.first_prediction_at is None:
-            self.first_prediction_at = time.time()
-        self.predicted[batch.task] += len(preds)
 
-    def _observe_and_learn(self, batch: TaskBatch, learn: bool) -> tuple[PredictionBatch, dict[str, Any]]:
-        preds = self.trainer.observe(batch)
-        if learn or self.trainer.pending() >= self.topology.buffer_size // 2:
-            self.trainer.train()
-        return preds, self.trainer.pending_labels.changes()
-
-    def _join_labels(self, batch: TaskBatch) -> tuple[list[Any], dict[str, Any]]:
-        expired = self.trainer.observe_labels(batch)
-        return expired, self.trainer.pending_labels.changes()
-
-    def _sweep_labels(self) -> tuple[list[Any], dict[str, Any]]:
-        expired = self.trainer.pending_labels.sweep()
-        return expired, self.trainer.pending_labels.changes()
-
-    async def _send_expired(self, expired: list[Any]) -> None:
-        for e in expired:
-            await self.expired_topic.send(key=e.id.encode(), value=e.to_json())
+    async def _send_expired(self, expired: Expired) -> None:
+        for eid, record in expired:
+            await self.expired_topic.send(key=eid.encode(), value=record)
 
     def _write_pending(self, changes: dict[str, bytes | None]) -> None:
         """Mirror the pending-label store into its table (changelogged, so it survives a crash)."""
@@ -413,8 +397,8 @@ class Pipeline:
         return False
 
     async def train_if_idle(self) -> None:
-        if self.trainer.pending() and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
-            await asyncio.get_running_loop().run_in_executor(self._torch, self.trainer.train)
+        if self.trainer.status["pending"] and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
+            await self.trainer.call("train")
 
     async def watch_loop_lag(self, app: faust.App, period: float = 0.05) -> None:
         """How late the event loop wakes a sleeper: the train step must never hold it (a metric)."""
@@ -427,9 +411,11 @@ class Pipeline:
             self.loop_lag_mean = 0.95 * self.loop_lag_mean + 0.05 * lag
 
     # -- metrics ---------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
+        """This worker's metrics: ingest counters here, the trainer's from its process."""
         ing = self.ingest
-        snap = self.trainer.snapshot()
+        snap = await self.trainer.call("snapshot")
+        trainer_timings = snap.pop("timings_s")
         return {
             "worker": self.worker_id,
             "ts": time.time(),
@@ -439,19 +425,18 @@ class Pipeline:
             "events": ing.valid,
             "dlq": ing.dead,
             "predicted": dict(self.predicted),
-            "pending": self.trainer.pending(),
             **snap,
+            "trainer_pid": self.trainer.pid,
             "first_prediction_at": self.first_prediction_at,
-            "checkpointed_step": self.checkpointed_step,
             "event_loop_lag_ms": {"max": self.loop_lag_max * 1e3, "mean": self.loop_lag_mean * 1e3},
             "labels_received": ing.labels,
             "labels_paused": self.aligner.pauses,
             "feature_state_n": ing.feature_counts(),
-            "timings_s": {**ing.timings, **self.trainer.timings, **self.timings},
+            "timings_s": {**ing.timings, **trainer_timings, **self.timings},
         }
 
     async def publish_metrics(self) -> None:
-        snap = await asyncio.get_running_loop().run_in_executor(self._torch, self.snapshot)
+        snap = await self.snapshot()
         self.loop_lag_max = 0.0
         body = orjson.dumps(snap)
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
@@ -471,4 +456,9 @@ def build_app(topology: Topology, settings: Settings) -> Pipeline:
     """The pipeline (and its Faust app, ``.app``) of a topology."""
     torch.set_num_threads(settings.torch_threads)
     sys.setswitchinterval(settings.gil_switch_interval)
-    return Pipeline(topology, settings)
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(settings.gc_threshold, g1, g2)  # the trainer process inherits it
+    pipeline = Pipeline(topology, settings)
+    gc.collect()
+    gc.freeze()  # what exists now lives as long as the worker: no collection needs to walk it again
+    return pipeline

@@ -36,9 +36,17 @@ class Settings(BaseSettings):
     )
     run_dir: Path | None = Field(default=None, description="where metrics.json is written")
     torch_threads: int = Field(default=1, ge=1, description="leave a core to the event loop")
+    #: The model trains in a child process of the worker (forked at start-up), so torch and the event
+    #: loop do not share a GIL; False runs the same trainer session in a thread of the worker.
+    trainer_process: bool = True
     #: The trainer thread and the event loop share the GIL. At CPython's default 5 ms switch interval the
     #: thread convoys behind the loop (each tiny torch op waits for the GIL); 1 ms measured +25–35 % events/s.
     gil_switch_interval: float = Field(default=0.001, gt=0)
+    #: Objects allocated before the first event (modules, the model, Faust) are frozen out of the cyclic
+    #: GC, and a young-generation collection runs every this many allocations (CPython: 700). Events are
+    #: freed by reference counting; at 700 the collector took ~10 % of the worker's time (0.46 s of GC
+    #: per 200k events in ``benchmarks/throughput.py``, 0.06 s at 20,000).
+    gc_threshold: int = Field(default=20_000, ge=700)
     log_level: str = "WARNING"
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")

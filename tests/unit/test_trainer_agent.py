@@ -31,10 +31,12 @@ async def test_agent_predicts_then_learns_a_round() -> None:
         for task in ("y0", "y1"):
             frame = TaskBatch(task, [f"e{i}" for i in range(10)], x, [1.0] * 10, round="r", round_size=2)
             await ctx.put(encode_batch(frame))
-        for _ in range(500):  # the agent hands torch work to its thread: wait for it
-            if pipe.predicted["y1"] == 10 and pipe.trainer.steps:
+        for _ in range(500):  # the agent hands torch work to the trainer process: wait for it
+            if pipe.predicted["y1"] == 10 and pipe.trainer.status["steps"]:
                 break
             await asyncio.sleep(0.01)
+    status = pipe.trainer.status
+    pipe.trainer.close()
     assert pipe.predicted == {"y0": 10, "y1": 10}
     assert len(sent) == 2
-    assert pipe.trainer.steps == 3 and pipe.trainer.pending() == 0  # the round was learned after both arrived
+    assert status["steps"] == 3 and status["pending"] == 0  # the round was learned after both arrived

@@ -1,0 +1,92 @@
+"""The trainer process: same answers as in a thread, errors carried back, no orphan when the worker dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from stream_mtl.checkpoint import CheckpointStore
+from stream_mtl.codec import PredictionBatch, TaskBatch, encode_batch
+from stream_mtl.synthetic import SyntheticStream, synthetic_topology
+from stream_mtl.trainer_host import TrainerError, TrainerHost, TrainerSession
+
+GEN = SyntheticStream(n_features=4, n_binary=2, n_regression=0, seed=3)
+TOPO = synthetic_topology(GEN, name="host", batch_size=8)
+
+
+def frames() -> list[tuple[bytes, bool]]:
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    return [
+        (encode_batch(TaskBatch(t, [f"e{i}" for i in range(10)], x, [1.0] * 10, round="r", round_size=2)), t == "y1")
+        for t in ("y0", "y1")
+    ]
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_process_and_thread_give_the_same_predictions(tmp_path, process: bool) -> None:
+    host = TrainerHost(lambda: TrainerSession(TOPO, CheckpointStore(tmp_path, TOPO.spec_hash())), process)
+    try:
+        assert (host.pid is not None) == process and host.pid != os.getpid()
+        outputs, _changes = asyncio.run(host.call("process", frames()))
+        assert [o[0] for o in outputs] == ["y0", "y1"] and [o[2] for o in outputs] == [10, 10]
+        assert host.status["steps"] == 3 and host.status["pending"] == 0  # learned once the round was complete
+        preds = [PredictionBatch.from_json(o[1]) for o in outputs]
+        assert preds[0].model_version.endswith("-0")  # predicted before anything learned from it
+        assert host.call_sync("checkpoint") is not None and list(tmp_path.glob("*.safetensors"))
+    finally:
+        host.close()
+    with pytest.raises(TrainerError, match="closed"):
+        host.call_sync("snapshot")
+    host.close()  # idempotent
+
+
+def test_an_error_in_the_trainer_comes_back_with_its_traceback(tmp_path) -> None:
+    host = TrainerHost(lambda: TrainerSession(TOPO, CheckpointStore(tmp_path, TOPO.spec_hash())))
+    try:
+        with pytest.raises(TrainerError, match="CodecError"):
+            host.call_sync("process", [(b"not a frame", True)])
+        assert host.call_sync("snapshot")["steps"] == 0  # and the process goes on serving
+    finally:
+        host.close()
+
+
+def test_the_trainer_process_exits_when_its_worker_is_killed(tmp_path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from stream_mtl.checkpoint import CheckpointStore
+        from stream_mtl.synthetic import SyntheticStream, synthetic_topology
+        from stream_mtl.trainer_host import TrainerHost, TrainerSession
+        topo = synthetic_topology(SyntheticStream(n_features=4, n_binary=1, n_regression=0), name="orphan")
+        host = TrainerHost(lambda: TrainerSession(topo, CheckpointStore({str(tmp_path)!r}, topo.spec_hash())))
+        print(host.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(worker.stdout.readline())
+        os.kill(child, 0)  # alive, and it ignores SIGTERM: the worker decides when it stops
+        os.kill(child, signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(child, 0)
+        worker.kill()
+        worker.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"trainer process {child} outlived its worker")
+    finally:
+        worker.kill()
