@@ -1,8 +1,9 @@
 """Bounded memory: the RSS of a real worker process after 100k and after 1M events.
 
 A ``stream-mtl worker`` subprocess runs the synthetic topology on the embedded broker; this
-process streams the events in chunks (never holding them all) and samples the worker's RSS
-(its own plus its trainer process's) from ``/proc`` when its metrics say it has processed 100k, 250k, 500k and 1M events. Usage::
+process streams the events in chunks (never holding them all) and samples the worker's RSS (its
+own plus its trainer process's) from ``/proc`` when its metrics say it has processed 100k, 250k,
+500k and 1M events. Usage::
 
     .venv/bin/python benchmarks/memory.py [--events 1000000]
 """

@@ -218,10 +218,24 @@ class GradNorm(LossBalancer):
         self.initial.update({k: float(v) for k, v in state.get("initial", {}).items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"balancer.gradnorm_w": self.w.detach()}
+        """The weights and the moments of their own Adam (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+        out = {"balancer.gradnorm_w": self.w.detach()}
+        for k, v in self.opt.state.get(self.w, {}).items():
+            if torch.is_tensor(v):
+                out[f"{_GRADNORM_OPT}{k}"] = v.detach()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_tensors(tensors)
+        moments = {k[len(_GRADNORM_OPT) :]: v for k, v in tensors.items() if k.startswith(_GRADNORM_OPT)}
+        if moments:
+            self.opt.state[self.w] = {k: v.clone().to(self.w.device) for k, v in moments.items()}
 
     def _tensor_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [("balancer.gradnorm_w", self.w)]
+
+
+_GRADNORM_OPT = "balancer.gradnorm_opt."
 
 
 class PCGrad(LossBalancer):

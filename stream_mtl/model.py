@@ -106,6 +106,8 @@ class MTLModel(nn.Module):
 
 def task_loss(task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean loss of one task over its rows; ``y`` is ``[n, k]`` (multiclass: index in column 0)."""
+    if callable(task.loss):  # the user's own: (logits, targets of this head's width) -> scalar
+        return task.loss(logits, y[:, : max(logits.shape[1], 1)] if task.kind != "multiclass" else y[:, :1])
     if task.loss == "bce":
         return F.binary_cross_entropy_with_logits(logits, y[:, : logits.shape[1]])
     if task.loss == "ce":

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 __all__ = [
     "Augment",
@@ -181,7 +182,10 @@ class TaskSpec(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     kind: TaskKind
     label: str
-    loss: str | None = None
+    #: a named loss (``LOSSES``) or a callable ``loss(logits, y) -> scalar tensor``: ``logits`` is
+    #: ``[n, output_dim]``, ``y`` the float32 targets ``[n, k]`` (multiclass: the class index in column 0);
+    #: a callable enters the topology hash by its qualified name
+    loss: str | Callable[..., Any] | None = None
     weight: float = Field(default=1.0, ge=0.0)
     depends_on: list[str] = Field(default_factory=list)
     n_classes: int | None = Field(default=None, ge=2)
@@ -191,6 +195,10 @@ class TaskSpec(_Frozen):
     label_ttl_s: float | None = Field(default=None, gt=0)
     augment: list[Augment] = Field(default_factory=list)
     lr_scale: float = Field(default=1.0, gt=0, description="multiplies the model lr for this task's head")
+
+    @field_serializer("loss")
+    def _loss_name(self, v: str | Callable[..., Any] | None) -> str | None:
+        return _callable_name(v) if callable(v) else v
 
     @model_validator(mode="after")
     def _default_loss(self) -> TaskSpec:
@@ -330,6 +338,16 @@ class Topology(_Frozen):
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
+def _takes_two_args(fn: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let it be tried
+        return True
+    return True
+
+
 def _callable_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -375,9 +393,14 @@ def _validate(t: Topology) -> None:
             raise TopologyError(
                 f"tasks[{i}].label: {task.label!r} is not a field of the event schema (fields: {names})"
             )
-        if task.loss not in LOSSES:
+        if callable(task.loss):
+            if not _takes_two_args(task.loss):
+                raise TopologyError(
+                    f"tasks[{i}].loss: a loss callable must take (logits, y); {_callable_name(task.loss)} does not"
+                )
+        elif task.loss not in LOSSES:
             raise TopologyError(f"tasks[{i}].loss: unknown loss {task.loss!r} (known: {', '.join(LOSSES)})")
-        if task.kind not in LOSSES[task.loss]:
+        elif task.kind not in LOSSES[task.loss]:
             raise TopologyError(f"tasks[{i}].loss: {task.loss!r} does not fit a {task.kind} task")
         if task.kind == "multiclass" and task.n_classes is None:
             raise TopologyError(f"tasks[{i}].n_classes: a multiclass task must declare n_classes")

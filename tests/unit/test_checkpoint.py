@@ -52,6 +52,23 @@ def test_round_trip_continues_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(pa, pb)
 
 
+@pytest.mark.parametrize("balancer", ["gradnorm", "uncertainty"])
+def test_round_trip_carries_the_balancer_state(tmp_path: Path, balancer: str) -> None:
+    topo = synthetic_topology(
+        GEN, name="ckpt", batch_size=8, model=ModelSpec(trunk=[8], balancer=BalancerSpec(kind=balancer))
+    )
+    store = CheckpointStore(tmp_path, topo.spec_hash())
+    a = Trainer(topo, device="cpu")
+    _feed(a, 1)
+    store.save(a.state_tensors(), a.state_json())
+    b = Trainer(topo, device="cpu", seed=99)
+    b.restore(*store.load_latest())
+    _feed(a, 2), _feed(b, 2)  # GradNorm's own optimiser moments (or the learned log-variances) came along
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+    assert a.task_weights == pytest.approx(b.task_weights)
+
+
 def _saved(tmp_path: Path, steps: int = 2) -> tuple[CheckpointStore, list[Path]]:
     store, tr, paths = _store(tmp_path), Trainer(TOPO, device="cpu"), []
     for k in range(steps):

@@ -52,3 +52,50 @@ def test_per_task_learning_rate_multiplier_scales_its_head_updates() -> None:
 
     # Adam's first step moves each weight by ~lr: the ratio is the multiplier
     assert head_move(10.0) == pytest.approx(10 * head_move(1.0), rel=0.05)
+
+
+calls: list[int] = []
+
+
+def quantile_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A user's own loss: pinball loss at the 0.9 quantile."""
+    calls.append(len(y))
+    diff = y - logits
+    return torch.maximum(0.9 * diff, -0.1 * diff).mean()
+
+
+def two_losses_topology(loss: object) -> Topology:
+    return Topology(
+        name="learn",
+        schema=EventSchema(fields={"x0": "float", "x1": "float", "a": "bool", "b": "float"}),
+        features=[FeatureSpec(name="n", inputs=["x0", "x1"])],
+        tasks=[
+            TaskSpec(name="a", kind="binary", label="a"),
+            TaskSpec(name="b", kind="regression", label="b", loss=loss),
+        ],
+        model=ModelSpec(trunk=[8]),
+    )
+
+
+def test_a_user_callable_loss_is_what_the_task_learns_from() -> None:
+    calls.clear()
+    tr = Trainer(two_losses_topology(quantile_loss), device="cpu")
+    batch = _batch()
+    first = tr.step(batch)["b"]
+    for _ in range(200):
+        last = tr.step(batch)["b"]
+    assert calls[0] == 8 and len(calls) == 201  # called on the task's own rows, every step
+    assert last < 0.8 * first
+    # the pinball loss at 0.9 puts ~90 % of the targets under the prediction: not what MSE would do
+    pred = tr.model.heads_on(tr.model.trunk(torch.from_numpy(batch.x[8:])), "b").detach()[:, 0]
+    below = float((torch.from_numpy(batch.y[8:, 0]) <= pred).float().mean())
+    assert below >= 0.75, below
+
+
+def test_a_loss_callable_enters_the_topology_hash_and_a_wrong_one_fails_at_load() -> None:
+    assert two_losses_topology(quantile_loss).spec_hash() != two_losses_topology("mse").spec_hash()
+    assert two_losses_topology(quantile_loss).spec_hash() == two_losses_topology(quantile_loss).spec_hash()
+    from stream_mtl.topology import TopologyError
+
+    with pytest.raises(TopologyError, match=r"tasks\[1\]\.loss: a loss callable must take \(logits, y\)"):
+        two_losses_topology(lambda logits: logits.sum())
