@@ -21,8 +21,11 @@ from stream_mtl.batching import AdaptiveSampler, MixedBatch, Reservoir, TaskBuff
 from stream_mtl.codec import PredictionBatch, TaskBatch
 from stream_mtl.evaluation import TaskMetrics, micro_f1
 from stream_mtl.labels import ExpiredLabel, PendingLabels
+from stream_mtl.log import get_logger
 from stream_mtl.model import MTLModel, block_losses
 from stream_mtl.topology import Topology
+
+log = get_logger(__name__)
 
 __all__ = ["Trainer", "default_device"]
 
@@ -49,6 +52,8 @@ class Trainer:
         self.topology = topology
         self.device = torch.device(device) if device is not None else default_device()
         self.model = MTLModel(topology).to(self.device)
+        #: train/eval only changes dropout: without it, switching modes per step is pure overhead (~7 %)
+        self._mode_matters = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
         self.balancer = make_balancer(topology.model.balancer, topology)
         if isinstance(self.balancer, UncertaintyWeighting):
             self.balancer.to(self.device)
@@ -89,13 +94,21 @@ class Trainer:
         self.label_sources: dict[str, dict[str, int]] = {name: {} for name in ttl}
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """Trunk at the model lr; each head at lr × its task's ``lr_scale``; balancer parameters."""
+        """One optimiser group per distinct learning rate: the trunk and the heads at the model lr,
+        a head whose task has another ``lr_scale`` at lr × that, the balancer's parameters at 10 × lr.
+
+        Fused Adam runs once per group: five groups of one lr cost ~20 % of a step (measured).
+        """
         lr = self.topology.model.lr
-        groups: list[dict[str, Any]] = [{"params": list(self.model.trunk.parameters()), "lr": lr, "name": "trunk"}]
+        by_lr: dict[float, dict[str, Any]] = {
+            lr: {"params": list(self.model.trunk.parameters()), "lr": lr, "name": "trunk"}
+        }
         for t in self.topology.tasks:
-            groups.append(
-                {"params": list(self.model.heads[t.name].parameters()), "lr": lr * t.lr_scale, "name": f"head.{t.name}"}
+            g = by_lr.setdefault(
+                lr * t.lr_scale, {"params": [], "lr": lr * t.lr_scale, "name": f"heads×{t.lr_scale:g}"}
             )
+            g["params"] += list(self.model.heads[t.name].parameters())
+        groups = list(by_lr.values())
         extra = self.balancer.parameters()
         if extra:
             groups.append({"params": extra, "lr": lr * 10, "name": "balancer"})
@@ -131,7 +144,8 @@ class Trainer:
         """
         t0 = time.perf_counter()
         x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32)).to(self.device)
-        self.model.eval()
+        if self._mode_matters:
+            self.model.eval()
         p = self.model.predict(x, batch.task).cpu().numpy()
         decided = self._decide(batch.task, p)
         t1 = time.perf_counter()
@@ -212,7 +226,8 @@ class Trainer:
 
     def step(self, batch: MixedBatch) -> dict[str, float]:
         """One optimiser step on a mixed batch; returns the per-task losses."""
-        self.model.train()
+        if self._mode_matters:
+            self.model.train()
         batch = self.augmenter.apply(batch)
         x = torch.from_numpy(batch.x).to(self.device)
         y = torch.from_numpy(batch.y).to(self.device)
@@ -282,7 +297,10 @@ class Trainer:
         for g in groups:
             if isinstance(g.get("betas"), list):
                 g["betas"] = tuple(g["betas"])
-        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        try:
+            self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        except ValueError as exc:  # a checkpoint of another group layout: the weights still count
+            log.warning("checkpoint.optimizer_state_skipped", reason=str(exc))
         self.balancer.load_tensors(tensors)
         self.balancer.load_state_dict(state.get("balancer", {}))
         self.sampler._credit = {k: float(v) for k, v in state.get("sampler", {}).get("credit", {}).items()}
