@@ -52,6 +52,11 @@ class MTLModel(nn.Module):
         self.order = topology.task_order()
         self.detach_dependencies = spec.detach_dependencies
         self._required_cache: dict[tuple[str, ...], list[str]] = {}
+        #: tasks whose loss :func:`block_losses` computes together (binary, BCE, no upstream head)
+        self.fusable = {
+            t.name: t.kind == "binary" and t.loss == "bce" and not t.depends_on and t.output_dim == 1
+            for t in topology.tasks
+        }
         self.heads = nn.ModuleDict()
         for name in self.order:
             task = self.tasks[name]
@@ -121,6 +126,11 @@ def task_loss(task: TaskSpec, logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown loss {task.loss!r}")  # validated at load; defensive
 
 
+#: Fusing binary heads costs ~15 fixed ops against ~4 per head: measured (trunk 64, batch 512) it loses at
+#: 3 and 5 tasks (−10 %, −15 % samples/s) and wins from 8 (+6 %); on Yeast (14 tasks) it gave +40 % events/s.
+FUSE_MIN_TASKS = 8
+
+
 def block_losses(
     model: MTLModel, x: torch.Tensor, y: torch.Tensor, blocks: dict[str, tuple[int, int]]
 ) -> dict[str, torch.Tensor]:
@@ -128,10 +138,40 @@ def block_losses(
 
     The trunk runs once over all rows; each head (and the heads it depends on) only over its
     own task's rows. A task with no block (its labels are missing) contributes nothing.
+    From ``FUSE_MIN_TASKS`` plain binary tasks (BCE, no upstream) on, those are computed
+    together: their heads' weights are stacked into one matrix, so 14 such tasks cost one
+    matmul and one BCE instead of 14 of each (the same losses and gradients, to float rounding).
     """
     h = model.trunk(x)
-    losses: dict[str, torch.Tensor] = {}
+    fused = [name for name in blocks if model.fusable[name]]
+    if len(fused) < FUSE_MIN_TASKS:
+        fused = []
+    losses = _fused_binary_losses(model, h, y, blocks, fused) if fused else {}
     for name, (a, b) in blocks.items():
-        logits = model.heads_on(h[a:b], name)
-        losses[name] = task_loss(model.tasks[name], logits, y[a:b])
-    return losses
+        if name not in losses:
+            losses[name] = task_loss(model.tasks[name], model.heads_on(h[a:b], name), y[a:b])
+    return {name: losses[name] for name in blocks}
+
+
+def _fused_binary_losses(
+    model: MTLModel, h: torch.Tensor, y: torch.Tensor, blocks: dict[str, tuple[int, int]], names: list[str]
+) -> dict[str, torch.Tensor]:
+    spans = [blocks[n] for n in names]
+    counts = [b - a for a, b in spans]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(counts) == hi - lo:  # the blocks are adjacent: a slice, no gather of rows
+        hs, ys = h[lo:hi], y[lo:hi, 0]
+        order = sorted(range(len(names)), key=lambda i: spans[i][0])
+        names, counts = [names[i] for i in order], [counts[i] for i in order]
+    else:
+        rows = torch.cat([torch.arange(a, b, device=h.device) for a, b in spans])
+        hs, ys = h.index_select(0, rows), y.index_select(0, rows)[:, 0]
+    n_rows = torch.tensor(counts, device=h.device)
+    which = torch.repeat_interleave(torch.arange(len(names), device=h.device), n_rows)
+    weight = torch.cat([model.heads[n].weight for n in names])  # [tasks, width]
+    bias = torch.cat([model.heads[n].bias for n in names])
+    logits = torch.addmm(bias, hs, weight.t()).gather(1, which.unsqueeze(1)).squeeze(1)
+    per_row = F.binary_cross_entropy_with_logits(logits, ys, reduction="none")
+    sums = torch.zeros(len(names), device=h.device, dtype=per_row.dtype).index_add(0, which, per_row)
+    means = sums / n_rows.to(per_row.dtype)
+    return dict(zip(names, means.unbind(), strict=True))

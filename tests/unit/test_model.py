@@ -86,3 +86,31 @@ def test_training_step_mixes_tasks() -> None:
     mb = MixedBatch(x, np.ones((4, 1), np.float32), {"a": (0, 1), "b": (1, 2), "r": (2, 4)})
     losses = tr.step(mb)
     assert set(losses) == {"a", "b", "r"} and all(np.isfinite(v) for v in losses.values())
+
+
+def test_fused_binary_heads_give_the_losses_and_gradients_of_one_head_at_a_time(monkeypatch) -> None:
+    import stream_mtl.model as model_module
+    from stream_mtl.model import task_loss
+
+    torch.manual_seed(0)
+    model = MTLModel(TOPO)
+    assert model.fusable == {"a": True, "b": True, "r": False}
+    monkeypatch.setattr(model_module, "FUSE_MIN_TASKS", 2)  # fuse the toy's two binary tasks
+    x, y = torch.randn(12, 2), (torch.rand(12, 1) > 0.5).float()
+    for blocks in (
+        {"a": (0, 5), "b": (5, 9), "r": (9, 12)},
+        {"b": (0, 4), "r": (4, 7), "a": (7, 12)},
+    ):  # adjacent or not
+        model.zero_grad()
+        fused = block_losses(model, x, y, blocks)
+        sum(fused.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        h = model.trunk(x)
+        one = {n: task_loss(model.tasks[n], model.heads_on(h[a:b], n), y[a:b]) for n, (a, b) in blocks.items()}
+        sum(one.values()).backward()
+        assert list(fused) == list(blocks)
+        for n in blocks:
+            torch.testing.assert_close(fused[n], one[n])
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, msg=n)

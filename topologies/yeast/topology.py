@@ -17,8 +17,10 @@ topology = Topology(
     ),
     features=[FeatureSpec(name="expression", kind="standardize", inputs=FEATURES)],
     tasks=[TaskSpec(name=label.lower(), kind="binary", label=label) for label in LABELS],
-    model=ModelSpec(trunk=[256, 256], lr=1e-3),
+    # one 128-wide layer, large steps at a high rate: on this short stream it beat [256, 256] with steps of
+    # 16 at 1e-3 in quality (0.616 vs 0.609 micro-F1) and speed (~8k vs ~850 events/s); benchmarks/README.md
+    model=ModelSpec(trunk=[128], lr=1e-2),
     sampler=SamplerSpec(kind="proportional"),
-    batch_size=16,
-    ingest_batch=50,  # small polls learn faster on a short stream (see README: quality)
+    batch_size=256,
+    ingest_batch=50,  # small polls learn sooner on a short stream
 )
