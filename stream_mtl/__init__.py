@@ -1,6 +1,7 @@
 """stream_mtl: streaming, online multi-task learning on Kafka with Faust and PyTorch."""
 
 from stream_mtl.topology import (
+    DriftSpec,
     EventSchema,
     FeatureSpec,
     ModelSpec,
@@ -14,6 +15,7 @@ from stream_mtl.topology import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DriftSpec",
     "EventSchema",
     "FeatureSpec",
     "ModelSpec",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import httpx
 import orjson
 import torch
 from mode import Service
@@ -41,9 +42,10 @@ from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import decode_batch, encode_batch
 from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
 from stream_mtl.log import get_logger
+from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
 from stream_mtl.settings import Settings
-from stream_mtl.topics import FEATURE_TABLE, PENDING_TABLE, TopicNames
+from stream_mtl.topics import FEATURE_TABLE, OUTBOX_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
 from stream_mtl.trainer_host import Expired, TrainerHost, TrainerSession
 
@@ -61,6 +63,8 @@ FETCH_MAX_WAIT_MS = 20
 #: Task frames handed to the trainer process per call, and how long to wait for more than one.
 TAKE_FRAMES = 16
 TAKE_WITHIN_S = 0.005
+#: Seconds between webhook delivery rounds (what is due in the outbox).
+WEBHOOK_ROUND_S = 0.25
 #: Rounds kept while waiting for their remaining task batches (bounded).
 MAX_OPEN_ROUNDS = 256
 
@@ -93,9 +97,14 @@ class Pipeline:
         )
         #: the model and everything that learns, in its own process (see :mod:`stream_mtl.trainer_host`);
         #: started before the Faust app exists, so the fork copies no running threads
+        app_id, worker = self.names.app_id, self.worker_id
         self.trainer = TrainerHost(
-            lambda: TrainerSession(topology, checkpoints), settings.trainer_process, settings.torch_threads
+            lambda: TrainerSession(topology, checkpoints, app_id, worker),
+            settings.trainer_process,
+            settings.torch_threads,
         )
+        self.alerts_sent = 0
+        self._http: httpx.AsyncClient | None = None
         self.app = self._build_app()
 
     # -- the Faust app -------------------------------------------------------------------------
@@ -132,6 +141,7 @@ class Pipeline:
         self.predictions_topic = app.topic(self.names.predictions, **raw)
         self.metrics_topic = app.topic(self.names.metrics, **raw)
         self.expired_topic = app.topic(self.names.labels_expired, **raw)
+        self.alerts_topic = app.topic(self.names.alerts, **raw)
         self.features = app.Table(
             FEATURE_TABLE,
             default=None,
@@ -148,6 +158,23 @@ class Pipeline:
             key_type=str,
             value_type=bytes,  # frames (codec) and joined-row lists, written by the trainer agent
         )
+        self.outbox_table = app.Table(
+            OUTBOX_TABLE,
+            default=None,
+            partitions=1,
+            use_partitioner=True,
+            key_type=str,
+            value_type=bytes,  # undelivered alerts per webhook endpoint (see stream_mtl.outbox)
+        )
+        self.outbox = WebhookOutbox(
+            self.outbox_table,
+            s.webhook_urls,
+            [x.strip() for x in os.environ.get(s.webhook_secret_env, "").split(",") if x.strip()],
+            self._record_delivery,
+            allow_private=s.webhook_allow_private,
+        )
+        if s.webhook_urls and not self.outbox.secrets:
+            raise ValueError(f"webhook_urls are set but ${s.webhook_secret_env} holds no signing secret")
         train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
@@ -172,6 +199,14 @@ class Pipeline:
                 await self._send_expired(expired)
                 self._write_pending(changes)
             await self.publish_metrics()
+
+        if s.webhook_urls:
+
+            @app.timer(WEBHOOK_ROUND_S)
+            async def deliver_webhooks() -> None:
+                if self._http is None:
+                    self._http = httpx.AsyncClient()
+                await self.outbox.deliver_due(self._http)
 
         if self.settings.checkpoint_interval > 0:
 
@@ -357,8 +392,10 @@ class Pipeline:
             header = decode_batch(value, copy=False)  # routing fields only; the trainer decodes it itself
             learn = header.kind != "labels" and self._round_complete(header.round, header.round_size)
             frames.append((value, learn))
-        outputs, changes = await self.trainer.call("process", frames)
+        outputs, changes, alerts = await self.trainer.call("process", frames)
         self._write_pending(changes)
+        for record in alerts:
+            await self._publish_alert(record)
         t0 = time.perf_counter()
         for out in outputs:
             if len(out) == 2:
@@ -370,6 +407,19 @@ class Pipeline:
             if self.first_prediction_at is None:
                 self.first_prediction_at = time.time()
         self.timings["predictions_send"] += time.perf_counter() - t0
+
+    async def _publish_alert(self, record: bytes) -> None:
+        """An alert on ``<app>.alerts`` (keyed by its id: idempotent) and into the webhook outbox."""
+        alert_id = orjson.loads(record)["id"]
+        await self.alerts_topic.send(key=alert_id.encode(), value=record)
+        self.outbox.add(alert_id, record)
+        self.alerts_sent += 1
+        log.warning("drift.alert", alert=alert_id)
+
+    async def _record_delivery(self, event: dict[str, Any]) -> None:
+        """A webhook endpoint refused an alert for good, or was disabled (410): recorded on ``<app>.alerts``."""
+        record = {"kind": "delivery", "app": self.names.app_id, "worker": self.worker_id, "ts": time.time(), **event}
+        await self.alerts_topic.send(key=str(event["alert"]).encode(), value=orjson.dumps(record))
 
     async def _send_expired(self, expired: Expired) -> None:
         for eid, record in expired:
@@ -431,6 +481,12 @@ class Pipeline:
             "event_loop_lag_ms": {"max": self.loop_lag_max * 1e3, "mean": self.loop_lag_mean * 1e3},
             "labels_received": ing.labels,
             "labels_paused": self.aligner.pauses,
+            "alerts_sent": self.alerts_sent,
+            "webhooks": {
+                "pending": self.outbox.pending(),
+                "delivered": self.outbox.delivered,
+                "attempts": self.outbox.attempts,
+            },
             "feature_state_n": ing.feature_counts(),
             "timings_s": {**ing.timings, **trainer_timings, **self.timings},
         }

@@ -109,6 +109,27 @@ class TaskSampler:
         raise NotImplementedError
 
     _credit: dict[str, float] | None = None
+    _boost: dict[str, tuple[float, int, int]] | None = None  # task → (factor, batches left, of how many)
+
+    def boost_task(self, task: str, factor: float = 2.0, steps: int = 200) -> None:
+        """Raise a task's weight ×``factor``, decaying linearly back to ×1 over ``steps`` batches (drift feedback)."""
+        if self._boost is None:
+            self._boost = {}
+        self._boost[task] = (factor, steps, steps)
+
+    def boost_factor(self, task: str) -> float:
+        b = (self._boost or {}).get(task)
+        if b is None:
+            return 1.0
+        factor, left, total = b
+        return 1.0 + (factor - 1.0) * left / total
+
+    def _decay_boosts(self) -> None:
+        for t, (factor, left, total) in list((self._boost or {}).items()):
+            if left <= 1:
+                del self._boost[t]  # type: ignore[union-attr]
+            else:
+                self._boost[t] = (factor, left - 1, total)  # type: ignore[index]
 
     def allocate(self, sizes: dict[str, int], batch_size: int) -> dict[str, int]:
         """Counts per task summing to ``min(batch_size, total available)``, never above a size.
@@ -124,6 +145,8 @@ class TaskSampler:
         while remaining > 0:
             avail = {t: n - counts[t] for t, n in sizes.items() if n - counts[t] > 0}
             w = self.weights(avail)
+            if self._boost:
+                w = {t: v * self.boost_factor(t) for t, v in w.items()}
             total = sum(w.values())
             score = {t: remaining * w[t] / total + credit.get(t, 0.0) for t in avail}
             give = {t: max(0, min(math.floor(score[t]), avail[t])) for t in avail}
@@ -148,6 +171,8 @@ class TaskSampler:
             if given == 0:  # pragma: no cover - defensive
                 break
             remaining -= given
+        if self._boost:
+            self._decay_boosts()
         return counts
 
 
@@ -203,36 +228,24 @@ class AdaptiveSampler(TemperatureSampler):
         self.boost, self.boost_steps = boost, boost_steps
         self.fast: dict[str, float] = {}
         self.slow: dict[str, float] = {}
-        self.boosted: dict[str, int] = {}  # task → batches of boost left
 
     def observe_losses(self, losses: dict[str, float]) -> None:
         for t, v in losses.items():
             self.fast[t] = v if t not in self.fast else 0.7 * self.fast[t] + 0.3 * v
             self.slow[t] = v if t not in self.slow else 0.97 * self.slow[t] + 0.03 * v
 
-    def boost_task(self, task: str) -> None:
-        self.boosted[task] = self.boost_steps
+    def boost_task(self, task: str, factor: float | None = None, steps: int | None = None) -> None:
+        super().boost_task(task, self.boost if factor is None else factor, self.boost_steps if steps is None else steps)
 
     def factor(self, task: str) -> float:
-        f = 1.0
-        left = self.boosted.get(task, 0)
-        if left > 0:
-            f *= 1.0 + (self.boost - 1.0) * left / self.boost_steps
+        """The loss-rise factor of a task (×``boost`` while its fast loss average is above its slow one)."""
         if task in self.fast and self.fast[task] > 1.05 * self.slow[task]:
-            f *= self.boost
-        return f
+            return self.boost
+        return 1.0
 
     def weights(self, sizes: dict[str, int]) -> dict[str, float]:
         base = super().weights(sizes)
         return {t: w * self.factor(t) for t, w in base.items()}
-
-    def allocate(self, sizes: dict[str, int], batch_size: int) -> dict[str, int]:
-        out = super().allocate(sizes, batch_size)
-        for t in list(self.boosted):
-            self.boosted[t] -= 1
-            if self.boosted[t] <= 0:
-                del self.boosted[t]
-        return out
 
 
 def make_sampler(spec: SamplerSpec) -> TaskSampler:

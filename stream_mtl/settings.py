@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     #: freed by reference counting; at 700 the collector took ~10 % of the worker's time (0.46 s of GC
     #: per 200k events in ``benchmarks/throughput.py``, 0.06 s at 20,000).
     gc_threshold: int = Field(default=20_000, ge=700)
+    webhook_urls: list[str] = Field(default_factory=list, description="where alerts are POSTed (JSON list)")
+    webhook_secret_env: str = Field(
+        default="STREAM_MTL_WEBHOOK_SECRET",
+        description="the environment variable holding the signing secret(s), comma-separated during a rotation",
+    )
+    webhook_allow_private: bool = Field(default=False, description="allow loopback/private/link-local receivers")
     log_level: str = "WARNING"
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")

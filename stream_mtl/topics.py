@@ -23,6 +23,7 @@ __all__ = ["TopicNames", "create_topics"]
 
 FEATURE_TABLE = "features"
 PENDING_TABLE = "pending"
+OUTBOX_TABLE = "outbox"
 
 
 class TopicNames:
@@ -77,12 +78,23 @@ class TopicNames:
         """Faust's name for the pending-label table's changelog."""
         return f"{self.app_id}-{PENDING_TABLE}-changelog"
 
+    @property
+    def alerts(self) -> str:
+        """Drift alerts and the actions taken on them (keyed by alert id)."""
+        return f"{self.app_id}.alerts"
+
+    @property
+    def outbox_changelog(self) -> str:
+        """Faust's name for the webhook outbox table's changelog."""
+        return f"{self.app_id}-{OUTBOX_TABLE}-changelog"
+
     def all(self) -> dict[str, int]:
         """Topic name → partition count."""
         p = self.topology.partitions
         out = {topic: p for topic in self.sources}
         out.update({self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p})
         out.update({self.labels: p, self.labels_expired: 1, self.pending_changelog: p})
+        out.update({self.alerts: 1, self.outbox_changelog: 1})
         for t in self.topology.tasks:
             out[self.task(t.name)] = p
         return out

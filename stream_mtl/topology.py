@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 __all__ = [
     "Augment",
     "BalancerSpec",
+    "DriftSpec",
     "EventSchema",
     "FeatureSpec",
     "GaussianNoise",
@@ -168,6 +169,26 @@ class Oversample(_Frozen):
 Augment = Annotated[GaussianNoise | Mixup | TokenDropout | SynonymSwap | Oversample, Field(discriminator="kind")]
 
 
+class DriftSpec(_Frozen):
+    """How a task's prequential error stream is watched and what a drift on it does.
+
+    ``detectors``: river detectors on the per-event error (binary/multiclass: 0/1 mistakes;
+    regression: absolute error; ``ddm`` only on 0/1 errors). ``actions`` run when one fires, at
+    most once per ``cooldown_s`` per task: ``boost_sampling`` (the task's sampling weight
+    ×``boost``, decaying back over ``boost_steps`` batches), ``raise_lr`` (its head's learning rate
+    ×``lr_factor`` for ``boost_steps`` steps), ``reset_head`` (re-initialise its head), ``rollback``
+    (reload the newest checkpoint). Every alert and every action goes to ``<app>.alerts``.
+    """
+
+    detectors: list[Literal["adwin", "page_hinkley", "ddm"]] = Field(default_factory=lambda: ["adwin"])
+    actions: list[Literal["boost_sampling", "raise_lr", "reset_head", "rollback"]] = Field(default_factory=list)
+    cooldown_s: float = Field(default=60.0, ge=0)
+    boost: float = Field(default=3.0, ge=1.0)
+    lr_factor: float = Field(default=3.0, ge=1.0)
+    boost_steps: int = Field(default=200, ge=1)
+    adwin_delta: float = Field(default=0.002, gt=0, lt=1)
+
+
 class TaskSpec(_Frozen):
     """One learning task: what to predict, from which events and label, with which loss.
 
@@ -195,6 +216,7 @@ class TaskSpec(_Frozen):
     label_ttl_s: float | None = Field(default=None, gt=0)
     augment: list[Augment] = Field(default_factory=list)
     lr_scale: float = Field(default=1.0, gt=0, description="multiplies the model lr for this task's head")
+    drift: DriftSpec = Field(default_factory=DriftSpec)
 
     @field_serializer("loss")
     def _loss_name(self, v: str | Callable[..., Any] | None) -> str | None:
@@ -402,6 +424,8 @@ def _validate(t: Topology) -> None:
             raise TopologyError(f"tasks[{i}].loss: unknown loss {task.loss!r} (known: {', '.join(LOSSES)})")
         elif task.kind not in LOSSES[task.loss]:
             raise TopologyError(f"tasks[{i}].loss: {task.loss!r} does not fit a {task.kind} task")
+        if "ddm" in task.drift.detectors and task.kind == "regression":
+            raise TopologyError(f"tasks[{i}].drift.detectors: ddm needs 0/1 errors; {task.name!r} is a regression task")
         if task.kind == "multiclass" and task.n_classes is None:
             raise TopologyError(f"tasks[{i}].n_classes: a multiclass task must declare n_classes")
         if task.source is not None and task.source not in t.sources:

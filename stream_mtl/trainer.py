@@ -19,6 +19,7 @@ from stream_mtl.augment import Augmenter
 from stream_mtl.balancing import UncertaintyWeighting, make_balancer
 from stream_mtl.batching import AdaptiveSampler, MixedBatch, Reservoir, TaskBuffer, assemble, make_sampler, with_replay
 from stream_mtl.codec import PredictionBatch, TaskBatch
+from stream_mtl.drift import DriftMonitor
 from stream_mtl.evaluation import TaskMetrics, micro_f1
 from stream_mtl.labels import ExpiredLabel, PendingLabels
 from stream_mtl.log import get_logger
@@ -47,6 +48,8 @@ class Trainer:
         device: torch.device | str | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
+        app: str | None = None,
+        worker: str = "",
     ):
         torch.manual_seed(seed)
         self.topology = topology
@@ -92,6 +95,9 @@ class Trainer:
         self.label_delay = {name: [0, 0.0] for name in ttl}  # joined labels, summed delay (s)
         #: joined labels per task by their metadata's "source" (at most MAX_LABEL_SOURCES names, then "other")
         self.label_sources: dict[str, dict[str, int]] = {name: {} for name in ttl}
+        #: per-task drift detectors on the prequential error stream (alerts collected until drained)
+        self.drift = DriftMonitor(topology, app or topology.name, worker, clock)
+        self._lr_boosts: dict[str, tuple[dict[str, Any], float, int]] = {}  # task → (group, base lr, steps left)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One optimiser group per distinct learning rate: the trunk and the heads at the model lr,
@@ -176,6 +182,7 @@ class Trainer:
         t2 = time.perf_counter()
         if y:
             self.metrics[batch.task].update(np.asarray(y), decided)
+            self.drift.observe(batch.task, y, decided, batch.offsets)
             self._learn_from(batch.task, xs, y)
         self._trace(batch)
         self.timings["predict"] += t1 - t0
@@ -190,6 +197,7 @@ class Trainer:
         res = self.pending_labels.join(batch.task, batch.ids, batch.y, batch.ts or [], batch.meta or [])
         if res.ids and res.x is not None:
             self.metrics[batch.task].update(np.asarray(res.y), np.asarray(res.decided))
+            self.drift.observe(batch.task, res.y, np.asarray(res.decided), None)
             self._learn_from(batch.task, res.x_train if res.x_train is not None else res.x, res.y)
             self._count_joined(batch.task, res.delays, res.meta)
         return res.expired
@@ -235,6 +243,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.task_weights = self.balancer.backward(losses, self.shared_params)
         self.optimizer.step()
+        if self._lr_boosts:
+            self._decay_lr_boosts()
         self.steps += 1
         self.examples_learned += int(batch.x.shape[0])
         self.batch_composition = batch.counts
@@ -258,6 +268,39 @@ class Trainer:
             steps += 1
         self.timings["learn"] += time.perf_counter() - t0
         return steps
+
+    # -- drift feedback ------------------------------------------------------------------------------
+    def boost_sampling(self, task: str, factor: float, steps: int) -> None:
+        """The task's sampling weight ×``factor``, back to ×1 over ``steps`` batches."""
+        self.sampler.boost_task(task, factor, steps)
+
+    def raise_lr(self, task: str, factor: float, steps: int) -> None:
+        """The task head's learning rate ×``factor`` for ``steps`` steps (its head gets its own group)."""
+        params = list(self.model.heads[task].parameters())
+        mine = {id(p) for p in params}
+        group = next(g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"]))
+        if len(group["params"]) != len(params):  # shared with other heads: split it off (moments stay)
+            group["params"] = [p for p in group["params"] if id(p) not in mine]
+            self.optimizer.add_param_group({"params": params, "lr": group["lr"], "name": f"head.{task}"})
+            group = self.optimizer.param_groups[-1]
+        base = self._lr_boosts[task][1] if task in self._lr_boosts else group["lr"]
+        group["lr"] = base * factor
+        self._lr_boosts[task] = (group, base, steps)
+
+    def _decay_lr_boosts(self) -> None:
+        for task, (group, base, left) in list(self._lr_boosts.items()):
+            if left <= 1:
+                group["lr"] = base
+                del self._lr_boosts[task]
+            else:
+                self._lr_boosts[task] = (group, base, left - 1)
+
+    def reset_head(self, task: str) -> None:
+        """Re-initialise a task's head and forget its optimiser moments."""
+        head = self.model.heads[task]
+        head.reset_parameters()
+        for p in head.parameters():
+            self.optimizer.state.pop(p, None)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -330,5 +373,6 @@ class Trainer:
                 for t, c in self.pending_labels.snapshot().items()
             },
             "synthetic": dict(self.augmenter.synthetic),
+            "drift": {t: {"alerts": n, "lr_boosted": t in self._lr_boosts} for t, n in self.drift.count.items()},
             "lineage": {"offsets": self.lineage, "feature_versions": sorted(self.feature_versions)},
         }

@@ -27,10 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+from stream_mtl.alerts import Alert, alert_id
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import decode_batch
 from stream_mtl.log import get_logger
-from stream_mtl.topology import Topology
+from stream_mtl.topology import DriftSpec, Topology
 from stream_mtl.trainer import Trainer
 
 log = get_logger(__name__)
@@ -50,11 +51,14 @@ class TrainerError(RuntimeError):
 class TrainerSession:
     """The trainer side of one worker; every method is one call from the agents."""
 
-    def __init__(self, topology: Topology, checkpoints: CheckpointStore):
+    def __init__(self, topology: Topology, checkpoints: CheckpointStore, app: str | None = None, worker: str = ""):
         self.topology = topology
-        self.trainer = Trainer(topology)
+        self.app = app or topology.name
+        self.worker = worker
+        self.trainer = Trainer(topology, app=self.app, worker=worker)
         self.checkpoints = checkpoints
         self.checkpointed_step = self._resume()
+        self._last_action: dict[str, float] = {}
 
     def _resume(self) -> int:
         """Load the newest verified checkpoint (broken ones are skipped with a warning); its step."""
@@ -74,13 +78,14 @@ class TrainerSession:
         )
         return {"steps": tr.steps, "pending": tr.pending(), "labels_settled": settled, "device": str(tr.device)}
 
-    def process(self, frames: list[tuple[bytes, bool]]) -> tuple[list[Output], dict[str, bytes | None]]:
+    def process(self, frames: list[tuple[bytes, bool]]) -> tuple[list[Output], dict[str, bytes | None], list[bytes]]:
         """Task frames in the order they were read, each with whether it completes a round.
 
         An examples frame is predicted (before anything learns from it) and buffered; the buffers
         are trained on when its round is complete or they are half full. A labels frame is joined
         to the pending examples. Returns per frame ``(task, predictions message, rows)`` or
-        ``(task, expired labels)``, and the pending-table changes of them all.
+        ``(task, expired labels)``, the pending-table changes of them all, and the alerts raised
+        (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
         """
         tr = self.trainer
         out: list[Output] = []
@@ -93,7 +98,52 @@ class TrainerSession:
             if learn or tr.pending() >= self.topology.buffer_size // 2:
                 tr.train()
             out.append((batch.task, preds.to_json(), len(preds)))
-        return out, tr.pending_labels.changes()
+        alerts = self._feedback(tr.drift.drain())
+        return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
+
+    def _feedback(self, drifts: list[Alert]) -> list[Alert]:
+        """Each drift alert, then the actions its task declares (at most once per cool-down)."""
+        out: list[Alert] = []
+        for alert in drifts:
+            out.append(alert)
+            spec = self.topology.task(alert.task).drift
+            now = self.trainer.drift.clock()
+            if not spec.actions or now - self._last_action.get(alert.task, float("-inf")) < spec.cooldown_s:
+                continue
+            self._last_action[alert.task] = now
+            for action in spec.actions:
+                details = self._act(action, alert.task, spec)
+                out.append(
+                    Alert(
+                        id=alert_id(alert.id, action),
+                        kind="action",
+                        app=self.app,
+                        task=alert.task,
+                        detector=alert.detector,
+                        worker=self.worker,
+                        ts=now,
+                        details={"action": action, "drift_alert": alert.id, **details},
+                    )
+                )
+                log.warning("drift.action", task=alert.task, action=action, alert=alert.id)
+        return out
+
+    def _act(self, action: str, task: str, spec: DriftSpec) -> dict[str, Any]:
+        tr = self.trainer
+        if action == "boost_sampling":
+            tr.boost_sampling(task, spec.boost, spec.boost_steps)
+            return {"factor": spec.boost, "steps": spec.boost_steps}
+        if action == "raise_lr":
+            tr.raise_lr(task, spec.lr_factor, spec.boost_steps)
+            return {"factor": spec.lr_factor, "steps": spec.boost_steps}
+        if action == "reset_head":
+            tr.reset_head(task)
+            return {}
+        loaded = self.checkpoints.load_latest()  # rollback
+        if loaded is None:
+            return {"skipped": "no checkpoint yet"}
+        tr.restore(*loaded)
+        return {"to_step": tr.steps}
 
     def sweep(self) -> tuple[Expired, dict[str, bytes | None]]:
         """Expire pending examples past their task's label TTL."""

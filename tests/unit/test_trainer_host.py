@@ -35,7 +35,8 @@ def test_process_and_thread_give_the_same_predictions(tmp_path, process: bool) -
     host = TrainerHost(lambda: TrainerSession(TOPO, CheckpointStore(tmp_path, TOPO.spec_hash())), process)
     try:
         assert (host.pid is not None) == process and host.pid != os.getpid()
-        outputs, _changes = asyncio.run(host.call("process", frames()))
+        outputs, _changes, alerts = asyncio.run(host.call("process", frames()))
+        assert alerts == []  # no drift in ten rows
         assert [o[0] for o in outputs] == ["y0", "y1"] and [o[2] for o in outputs] == [10, 10]
         assert host.status["steps"] == 3 and host.status["pending"] == 0  # learned once the round was complete
         preds = [PredictionBatch.from_json(o[1]) for o in outputs]
