@@ -1,4 +1,4 @@
-"""The ``stream-mtl`` command: worker, produce, demo, broker."""
+"""The ``stream-mtl`` command: worker, produce, demo, broker, webhook-receiver."""
 
 from __future__ import annotations
 
@@ -89,6 +89,33 @@ def demo(
     from stream_mtl.demo import run_demo
 
     run_demo(topology, broker=broker, malformed=malformed, run_dir=run_dir, timeout=timeout, limit=limit)
+
+
+@app.command("webhook-receiver")
+def webhook_receiver(
+    secret_env: Annotated[str, typer.Option(help="environment variable with the secret(s), comma-separated")] = (
+        "STREAM_MTL_WEBHOOK_SECRET"
+    ),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8787,
+) -> None:
+    """Receive, verify and print alerts (bad signatures, old timestamps and replays are refused)."""
+    import os
+
+    import orjson
+    from aiohttp import web
+
+    from stream_mtl.receiver import make_receiver
+
+    secrets = [s.strip() for s in os.environ.get(secret_env, "").split(",") if s.strip()]
+    if not secrets:
+        raise typer.BadParameter(f"${secret_env} holds no secret", param_hint="--secret-env")
+
+    def show(webhook_id: str, payload: object) -> None:
+        typer.echo(orjson.dumps({"webhook-id": webhook_id, "alert": payload}).decode())
+
+    typer.echo(f"listening on http://{host}:{port}/ (secrets from ${secret_env})", err=True)
+    web.run_app(make_receiver(secrets, show), host=host, port=port, print=None)
 
 
 @app.command()
