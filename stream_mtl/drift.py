@@ -32,12 +32,17 @@ WINDOW_OFFSETS = 1000
 
 
 class ErrorDetector:
-    """A river drift detector fed one error per event; :meth:`update` returns where it fired."""
+    """A river drift detector fed one error per event; :meth:`update` returns where the error rose.
 
-    def __init__(self, name: str, make: Callable[[], Any]):
+    Only a rise counts: a model that is still learning lowers its error, and ADWIN (which sees
+    any change of mean) would otherwise call that a drift. PageHinkley runs in ``up`` mode; DDM
+    only sees rises by construction; for ADWIN the mean of the window it keeps after a change is
+    compared with the mean before it.
+    """
+
+    def __init__(self, name: str, detector: Any):
         self.name = name
-        self._make = make
-        self.detector = make()
+        self.detector = detector
         self.seen = 0
         self.detections = 0
 
@@ -45,25 +50,25 @@ class ErrorDetector:
     def make(cls, kind: str, spec: DriftSpec | None = None) -> ErrorDetector:
         spec = spec or DriftSpec()
         if kind == "adwin":
-            return cls(kind, lambda: river_drift.ADWIN(delta=spec.adwin_delta))
+            return cls(kind, river_drift.ADWIN(delta=spec.adwin_delta))
         if kind == "page_hinkley":
-            return cls(kind, river_drift.PageHinkley)
+            return cls(kind, river_drift.PageHinkley(mode="up"))
         if kind == "ddm":
-            return cls(kind, river_drift.binary.DDM)
+            return cls(kind, river_drift.binary.DDM())
         raise ValueError(f"unknown detector {kind!r}")
 
     def update(self, errors: np.ndarray) -> int | None:
-        """Feed a batch of per-event errors in order; the index of the first detection, if any."""
+        """Feed a batch of per-event errors in order; the index of the first rise detected, if any."""
         det = self.detector
         update = det.update
         hit = None
+        adwin = self.name == "adwin"
         binary = self.name == "ddm"
         for i, e in enumerate(errors.tolist()):
+            before = det.estimation if adwin else 0.0
             update(bool(e) if binary else e)
-            if det.drift_detected:
+            if det.drift_detected and (not adwin or det.estimation > before):
                 self.detections += 1
-                self.detector = det = self._make()  # start afresh after the change (river's ADWIN shrinks itself;
-                update = det.update  # a new one keeps every detector's behaviour the same)
                 if hit is None:
                     hit = i
         self.seen += len(errors)
@@ -91,8 +96,10 @@ class DriftMonitor:
         self.alerts: list[Alert] = []
         self.count = {t.name: 0 for t in topology.tasks}
 
-    def observe(self, task: str, y: Any, decided: Any, offsets: dict[str, list[int]] | None) -> list[Alert]:
-        """Score one batch's labelled rows; the alerts it raised (also kept for :meth:`drain`)."""
+    def observe(
+        self, task: str, y: Any, decided: Any, offsets: dict[str, list[int]] | None, ids: list[str] | None = None
+    ) -> list[Alert]:
+        """Score one batch's labelled rows (``ids`` theirs); the alerts it raised (also kept for :meth:`drain`)."""
         dets = self.detectors[task]
         if not dets or len(y) == 0:
             return []
@@ -115,10 +122,10 @@ class DriftMonitor:
                 ts=self.clock(),
                 details={
                     "window": window,
+                    "event_id": ids[at] if ids is not None and at < len(ids) else None,  # the error that tipped it
                     "events_seen": det.seen,
-                    "at_row": at,
-                    "error_before": float(errors[:at].mean()) if at else None,
-                    "error_after": float(errors[at:].mean()),
+                    "batch_error": float(errors.mean()),  # this batch's error rate (or mean absolute error)
+                    "estimate": float(getattr(det.detector, "estimation", float("nan"))),  # ADWIN: the recent mean
                 },
             )
             raised.append(alert)

@@ -179,10 +179,13 @@ class Trainer:
                     batch.offsets,
                 )
             y, decided, xs = [y[i] for i in have], decided[have], xs[have]
+            ids = [batch.ids[i] for i in have]
+        else:
+            ids = batch.ids
         t2 = time.perf_counter()
         if y:
             self.metrics[batch.task].update(np.asarray(y), decided)
-            self.drift.observe(batch.task, y, decided, batch.offsets)
+            self.drift.observe(batch.task, y, decided, batch.offsets, ids)
             self._learn_from(batch.task, xs, y)
         self._trace(batch)
         self.timings["predict"] += t1 - t0
@@ -197,7 +200,7 @@ class Trainer:
         res = self.pending_labels.join(batch.task, batch.ids, batch.y, batch.ts or [], batch.meta or [])
         if res.ids and res.x is not None:
             self.metrics[batch.task].update(np.asarray(res.y), np.asarray(res.decided))
-            self.drift.observe(batch.task, res.y, np.asarray(res.decided), None)
+            self.drift.observe(batch.task, res.y, np.asarray(res.decided), None, res.ids)
             self._learn_from(batch.task, res.x_train if res.x_train is not None else res.x, res.y)
             self._count_joined(batch.task, res.delays, res.meta)
         return res.expired
