@@ -45,6 +45,7 @@ class ErrorDetector:
         self.detector = detector
         self.seen = 0
         self.detections = 0
+        self._since = [0.0, 0]  # error sum and count since the last detection (ADWIN's "before")
 
     @classmethod
     def make(cls, kind: str, spec: DriftSpec | None = None) -> ErrorDetector:
@@ -60,19 +61,38 @@ class ErrorDetector:
     def update(self, errors: np.ndarray) -> int | None:
         """Feed a batch of per-event errors in order; the index of the first rise detected, if any."""
         det = self.detector
-        update = det.update
+        values = errors.astype(bool).tolist() if self.name == "ddm" else errors.tolist()
         hit = None
-        adwin = self.name == "adwin"
-        binary = self.name == "ddm"
-        for i, e in enumerate(errors.tolist()):
-            before = det.estimation if adwin else 0.0
-            update(bool(e) if binary else e)
-            if det.drift_detected and (not adwin or det.estimation > before):
+        start = 0
+        while start < len(values):
+            at = _first_detection(det, values, start)
+            if at is None:
+                break
+            rose = True
+            if self.name == "adwin":  # the mean ADWIN keeps after the cut vs. the mean since the last one
+                total, n = self._since
+                seg = errors[start : at + 1]
+                before = (total + float(seg.sum())) / max(1, n + len(seg))
+                rose = det.estimation > before
+            self._since = [0.0, 0]
+            if rose:
                 self.detections += 1
                 if hit is None:
-                    hit = i
-        self.seen += len(errors)
+                    hit = at
+            start = at + 1
+        tail = errors[start:]
+        self._since = [self._since[0] + float(tail.sum()), self._since[1] + len(tail)]
+        self.seen += len(values)
         return hit
+
+
+def _first_detection(det: Any, values: list[Any], start: int) -> int | None:
+    update = det.update
+    for i in range(start, len(values)):
+        update(values[i])
+        if det.drift_detected:
+            return i
+    return None
 
 
 def task_errors(task: TaskSpec, y: np.ndarray, decided: np.ndarray) -> np.ndarray:
