@@ -175,8 +175,9 @@ class DriftSpec(_Frozen):
     ``detectors``: river detectors on the per-event error (binary/multiclass: 0/1 mistakes;
     regression: absolute error; ``ddm`` only on 0/1 errors). ``actions`` run when one fires, at
     most once per ``cooldown_s`` per task: ``boost_sampling`` (the task's sampling weight
-    ×``boost``, decaying back over ``boost_steps`` batches), ``raise_lr`` (its head's learning rate
-    ×``lr_factor`` for ``boost_steps`` steps), ``reset_head`` (re-initialise its head), ``rollback``
+    ×``boost``, decaying back over ``boost_steps`` batches), ``raise_lr`` (the learning rate of the
+    shared trunk and of its head ×``lr_factor`` for ``boost_steps`` steps), ``reset_head``
+    (re-initialise its head), ``rollback``
     (reload the newest checkpoint). Every alert and every action goes to ``<app>.alerts``.
     """
 

@@ -97,7 +97,7 @@ class Trainer:
         self.label_sources: dict[str, dict[str, int]] = {name: {} for name in ttl}
         #: per-task drift detectors on the prequential error stream (alerts collected until drained)
         self.drift = DriftMonitor(topology, app or topology.name, worker, clock)
-        self._lr_boosts: dict[str, tuple[dict[str, Any], float, int]] = {}  # task → (group, base lr, steps left)
+        self._lr_boosts: dict[str, tuple[dict[str, Any], float, int]] = {}  # group → (group, base lr, steps left)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One optimiser group per distinct learning rate: the trunk and the heads at the model lr,
@@ -278,25 +278,33 @@ class Trainer:
         self.sampler.boost_task(task, factor, steps)
 
     def raise_lr(self, task: str, factor: float, steps: int) -> None:
-        """The task head's learning rate ×``factor`` for ``steps`` steps (its head gets its own group)."""
+        """The learning rate of the shared trunk and of the task's head ×``factor`` for ``steps`` steps.
+
+        The trunk too: a drift changes what the shared features must encode, and raising the head
+        alone measured slower to recover than no action at all (``benchmarks/feedback.py``). The
+        head gets its own optimiser group first (its moments stay); heads that share the trunk's
+        group ride along. A second call while boosted restarts the count, it does not compound.
+        """
         params = list(self.model.heads[task].parameters())
         mine = {id(p) for p in params}
         group = next(g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"]))
-        if len(group["params"]) != len(params):  # shared with other heads: split it off (moments stay)
+        if len(group["params"]) != len(params):  # shared with the trunk or other heads: split it off
             group["params"] = [p for p in group["params"] if id(p) not in mine]
             self.optimizer.add_param_group({"params": params, "lr": group["lr"], "name": f"head.{task}"})
             group = self.optimizer.param_groups[-1]
-        base = self._lr_boosts[task][1] if task in self._lr_boosts else group["lr"]
-        group["lr"] = base * factor
-        self._lr_boosts[task] = (group, base, steps)
+        trunk = next(g for g in self.optimizer.param_groups if g.get("name") == "trunk")
+        for name, g in ((f"head.{task}", group), ("trunk", trunk)):
+            base = self._lr_boosts[name][1] if name in self._lr_boosts else g["lr"]
+            g["lr"] = base * factor
+            self._lr_boosts[name] = (g, base, steps)
 
     def _decay_lr_boosts(self) -> None:
-        for task, (group, base, left) in list(self._lr_boosts.items()):
+        for name, (group, base, left) in list(self._lr_boosts.items()):
             if left <= 1:
                 group["lr"] = base
-                del self._lr_boosts[task]
+                del self._lr_boosts[name]
             else:
-                self._lr_boosts[task] = (group, base, left - 1)
+                self._lr_boosts[name] = (group, base, left - 1)
 
     def reset_head(self, task: str) -> None:
         """Re-initialise a task's head and forget its optimiser moments."""
@@ -376,6 +384,8 @@ class Trainer:
                 for t, c in self.pending_labels.snapshot().items()
             },
             "synthetic": dict(self.augmenter.synthetic),
-            "drift": {t: {"alerts": n, "lr_boosted": t in self._lr_boosts} for t, n in self.drift.count.items()},
+            "drift": {
+                t: {"alerts": n, "lr_boosted": f"head.{t}" in self._lr_boosts} for t, n in self.drift.count.items()
+            },
             "lineage": {"offsets": self.lineage, "feature_versions": sorted(self.feature_versions)},
         }

@@ -103,8 +103,8 @@ def test_a_concept_flip_raises_a_drift_alert_and_the_declared_actions_once(tmp_p
     # one drift (cool-down 60 s) → each action once, recorded with the alert it answers
     assert [a["details"]["action"] for a in actions] == ["boost_sampling", "raise_lr"]
     assert {a["details"]["drift_alert"] for a in actions} == {drifts[0]["id"]}
-    heads = [g for g in session.trainer.optimizer.param_groups if g.get("name") == "head.y0"]
-    assert heads and heads[0]["lr"] == pytest.approx(lr_before)  # boosted for 5 steps, then back
+    heads = [g for g in session.trainer.optimizer.param_groups if g.get("name") in ("head.y0", "trunk")]
+    assert len(heads) == 2 and all(g["lr"] == pytest.approx(lr_before) for g in heads)  # boosted 5 steps, then back
 
 
 def test_raise_lr_and_reset_head_and_rollback_change_what_they_say(tmp_path) -> None:
@@ -112,7 +112,11 @@ def test_raise_lr_and_reset_head_and_rollback_change_what_they_say(tmp_path) -> 
     base = tr.optimizer.param_groups[0]["lr"]
     tr.raise_lr("y1", 3.0, steps=2)
     group = next(g for g in tr.optimizer.param_groups if g.get("name") == "head.y1")
-    assert group["lr"] == pytest.approx(3 * base) and tr.optimizer.param_groups[0]["lr"] == base
+    trunk = next(g for g in tr.optimizer.param_groups if g.get("name") == "trunk")
+    assert group["lr"] == pytest.approx(3 * base) and trunk["lr"] == pytest.approx(3 * base)
+    assert all(id(p) not in {id(q) for q in trunk["params"]} for p in tr.model.heads["y1"].parameters())
+    tr.raise_lr("y1", 3.0, steps=2)  # again while boosted: restarts, does not compound
+    assert group["lr"] == pytest.approx(3 * base)
     before = tr.model.heads["y1"].weight.detach().clone()
     tr.reset_head("y1")
     assert not torch.equal(before, tr.model.heads["y1"].weight)
