@@ -44,6 +44,7 @@ from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
+from stream_mtl.prometheus import Exporter
 from stream_mtl.settings import Settings
 from stream_mtl.topics import FEATURE_TABLE, OUTBOX_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
@@ -105,6 +106,13 @@ class Pipeline:
         )
         self.alerts_sent = 0
         self._http: httpx.AsyncClient | None = None
+        self.lag: dict[str, int] = {}  # records behind the end, per input topic (the autoscaling signal)
+        self.exporter = Exporter(self.names.app_id)
+        self.metrics_port = (
+            self.exporter.serve(settings.metrics_port, settings.metrics_host)
+            if settings.metrics_port is not None
+            else None
+        )
         self.app = self._build_app()
 
     # -- the Faust app -------------------------------------------------------------------------
@@ -482,6 +490,8 @@ class Pipeline:
             "labels_received": ing.labels,
             "labels_paused": self.aligner.pauses,
             "alerts_sent": self.alerts_sent,
+            "lag": dict(self.lag),
+            "metrics_port": self.metrics_port,
             "webhooks": {
                 "pending": self.outbox.pending(),
                 "delivered": self.outbox.delivered,
@@ -491,8 +501,31 @@ class Pipeline:
             "timings_s": {**ing.timings, **trainer_timings, **self.timings},
         }
 
+    async def measure_lag(self) -> dict[str, int]:
+        """Records behind the end of each input topic: sources and labels (ingest), task topics (trainer)."""
+        lag: dict[str, int] = {}
+        consumer = getattr(self, "_consumer", None)
+        if consumer is not None:
+            for tp in consumer.assignment():
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    lag[tp.topic] = lag.get(tp.topic, 0) + max(0, hw - await consumer.position(tp))
+        try:
+            fc = self.app.consumer
+            for tp in fc.assignment():
+                if tp.topic.startswith(f"{self.names.app_id}.task."):
+                    hw, read = fc.highwater(tp), fc._read_offset.get(tp)
+                    if hw is not None:
+                        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, hw - (read + 1 if read is not None else 0))
+        except Exception:  # the Faust consumer is not started yet
+            pass
+        self.lag = lag
+        return lag
+
     async def publish_metrics(self) -> None:
+        await self.measure_lag()
         snap = await self.snapshot()
+        self.exporter.update(snap)
         self.loop_lag_max = 0.0
         body = orjson.dumps(snap)
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)

@@ -32,6 +32,9 @@ def worker(
     run_dir: Annotated[Optional[Path], typer.Option(help="write metrics.json here every interval")] = None,
     session_timeout: Annotated[Optional[float], typer.Option(help="consumer-group session timeout, s")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING …")] = "WARNING",
+    metrics_port: Annotated[
+        Optional[int], typer.Option(envvar="STREAM_MTL_METRICS_PORT", help="serve Prometheus /metrics on this port")
+    ] = None,
 ) -> None:
     """Run a long-lived worker of a topology (Ctrl-C / SIGTERM stops it cleanly)."""
     import faust
@@ -42,7 +45,12 @@ def worker(
 
     topo = load_topology(topology)
     settings = _settings(
-        broker=broker, app_id=app_id, run_dir=run_dir, session_timeout=session_timeout, log_level=log_level
+        broker=broker,
+        app_id=app_id,
+        run_dir=run_dir,
+        session_timeout=session_timeout,
+        log_level=log_level,
+        metrics_port=metrics_port,
     )
     asyncio.run(create_topics(settings.bootstrap, TopicNames(topo, settings.app_id).all()))
     pipeline = build_app(topo, settings)

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         description="the environment variable holding the signing secret(s), comma-separated during a rotation",
     )
     webhook_allow_private: bool = Field(default=False, description="allow loopback/private/link-local receivers")
+    metrics_port: int | None = Field(default=None, ge=0, description="serve Prometheus /metrics here (0: a free port)")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the /metrics server (0.0.0.0 in a container)"
+    )
     log_level: str = "WARNING"
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")

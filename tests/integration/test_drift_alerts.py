@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 
+import httpx
 import orjson
 import pytest
 from aiohttp import web
@@ -77,6 +78,7 @@ def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(broke
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_URLS", orjson.dumps([receiver.url]).decode())
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_ALLOW_PRIVATE", "1")
+    monkeypatch.setenv("STREAM_MTL_METRICS_PORT", "0")  # Prometheus /metrics on a free port
     topo = load_topology("drift")
     names = TopicNames(topo, "drifty")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
@@ -102,6 +104,19 @@ def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(broke
     # the declared actions ran and were recorded, pointing at their drift alert
     assert {a["details"]["action"] for a in actions} == {"boost_sampling", "raise_lr"}
     assert {a["details"]["drift_alert"] for a in actions} <= {a["id"] for a in drifts}
+
+    # Prometheus: the worker's /metrics counts the drift alerts and the consumer lag per input topic
+    snaps = asyncio.run(read_topic(broker.bootstrap, names.metrics, lambda rs: bool(rs), 30, first.alive))
+    port = orjson.loads(snaps[-1].value)["metrics_port"]
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        if 'stream_mtl_drift_alerts_total{app="drifty",task="y0"} 1' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert 'stream_mtl_drift_alerts_total{app="drifty",task="y0"}' in text
+    assert 'stream_mtl_consumer_lag{app="drifty",topic="drifty.events"}' in text
+    assert 'stream_mtl_task_metric{app="drifty",metric="accuracy",task="y1"}' in text
 
     time.sleep(2)  # the receiver has refused some attempts by now
     assert receiver.attempts and not receiver.accepted
