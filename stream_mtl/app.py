@@ -45,6 +45,7 @@ from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
 from stream_mtl.prometheus import Exporter
+from stream_mtl.reports import FeatureWindows, ReportRunner, feature_columns
 from stream_mtl.settings import Settings
 from stream_mtl.topics import FEATURE_TABLE, OUTBOX_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
@@ -107,6 +108,13 @@ class Pipeline:
         self.alerts_sent = 0
         self._http: httpx.AsyncClient | None = None
         self.lag: dict[str, int] = {}  # records behind the end, per input topic (the autoscaling signal)
+        self.windows = FeatureWindows(feature_columns(topology), settings.report_reference, settings.report_current)
+        self.reports = ReportRunner(
+            self.windows,
+            (settings.run_dir or settings.data_dir / self.names.app_id) / "reports",
+            settings.report_every_s,
+            settings.report_keep,
+        )
         self.exporter = Exporter(self.names.app_id)
         self.metrics_port = (
             self.exporter.serve(settings.metrics_port, settings.metrics_host)
@@ -231,6 +239,7 @@ class Pipeline:
                 if pipeline.settings.checkpoint_interval > 0 and not pipeline.trainer.closed:
                     await pipeline.trainer.call("checkpoint")
                 pipeline.trainer.close()
+                pipeline.reports.close()
 
         app.service(CheckpointOnStop)
 
@@ -351,6 +360,9 @@ class Pipeline:
         """Steps 1–2 of the commit order for one poll; returns the send futures."""
         out = self.ingest.process(data)
         t0 = time.perf_counter()
+        if self.settings.report_every_s > 0:
+            for x in out.features:  # bounded windows of the shared features for the drift reports
+                self.windows.add(x)
         round_id = f"{self.worker_id}:{seq}"
         futures = []
         for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
@@ -491,6 +503,7 @@ class Pipeline:
             "labels_paused": self.aligner.pauses,
             "alerts_sent": self.alerts_sent,
             "lag": dict(self.lag),
+            "feature_drift": _report_summary(self.reports.last),
             "metrics_port": self.metrics_port,
             "webhooks": {
                 "pending": self.outbox.pending(),
@@ -523,6 +536,8 @@ class Pipeline:
         return lag
 
     async def publish_metrics(self) -> None:
+        if self.settings.report_every_s > 0:
+            self.reports.maybe_start()  # in its own process; the result shows in a later snapshot
         await self.measure_lag()
         snap = await self.snapshot()
         self.exporter.update(snap)
@@ -531,6 +546,14 @@ class Pipeline:
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
         if self.settings.run_dir is not None:
             write_json_atomic(self.settings.run_dir / "metrics.json", snap)
+
+
+def _report_summary(last: dict[str, Any] | None, top: int = 20) -> dict[str, Any] | None:
+    """The last drift report for the metrics: share, and the ``top`` columns by score."""
+    if last is None:
+        return None
+    cols = sorted(last["columns"].items(), key=lambda kv: -kv[1]["score"])[:top]
+    return {**{k: v for k, v in last.items() if k != "columns"}, "columns": {k: v["score"] for k, v in cols}}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

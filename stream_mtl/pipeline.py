@@ -35,6 +35,7 @@ class IngestOutput:
     table_updates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # coalesced; None = delete
     valid: int = 0
     labels: int = 0
+    features: list[np.ndarray] = field(default_factory=list)  # the shared feature matrix of each source partition
 
 
 class IngestStage:
@@ -132,6 +133,7 @@ class IngestStage:
             times = numeric[:, validator.required.index(self.time_field)] if self.time_field else None
             batch = RawBatch(res.events, numeric, validator.required, times)
             x = fs.transform(batch)
+            out.features.append(x)
             out.table_updates.update(fs.table_updates())
             t2 = time.perf_counter()
             out.batches.extend(

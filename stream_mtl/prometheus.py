@@ -39,6 +39,15 @@ class Exporter:
         self.weight = Gauge("stream_mtl_task_loss_weight", "loss weight per task (balancer)", t, registry=r)
         self.share = Gauge("stream_mtl_task_batch_share", "share of the last mini-batch per task", t, registry=r)
         self.drift = Gauge("stream_mtl_drift_alerts_total", "drift alerts per task", t, registry=r)
+        self.feature_drift = Gauge(
+            "stream_mtl_feature_drift_share", "share of drifted feature columns (last report)", label, registry=r
+        )
+        self.column_drift = Gauge(
+            "stream_mtl_feature_drift_score",
+            "drift score per feature column (last report)",
+            [*label, "column"],
+            registry=r,
+        )
         self._last: tuple[float, int] | None = None
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -67,6 +76,11 @@ class Exporter:
             self.share.labels(a, task).set(n / total)
         for task, d in (snap.get("drift") or {}).items():
             self.drift.labels(a, task).set(d.get("alerts", 0))
+        report = snap.get("feature_drift")
+        if report:
+            self.feature_drift.labels(a).set(report["drift_share"])
+            for col, score in report["columns"].items():
+                self.column_drift.labels(a, col).set(score)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

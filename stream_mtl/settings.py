@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     metrics_host: str = Field(
         default="127.0.0.1", description="address of the /metrics server (0.0.0.0 in a container)"
     )
+    report_every_s: float = Field(default=60.0, ge=0, description="seconds between feature-drift reports (0: never)")
+    report_reference: int = Field(default=5000, ge=10, description="rows in the reference window (the first seen)")
+    report_current: int = Field(default=1000, ge=10, description="rows in the current window (the last seen)")
+    report_keep: int = Field(default=5, ge=1, description="HTML + JSON reports kept")
     log_level: str = "WARNING"
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")

@@ -73,12 +73,15 @@ class Receiver:
         self.down = False
 
 
-def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(broker, start_worker, monkeypatch) -> None:
+def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(
+    broker, start_worker, monkeypatch, tmp_path
+) -> None:
     receiver = Receiver()
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_URLS", orjson.dumps([receiver.url]).decode())
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("STREAM_MTL_WEBHOOK_ALLOW_PRIVATE", "1")
     monkeypatch.setenv("STREAM_MTL_METRICS_PORT", "0")  # Prometheus /metrics on a free port
+    monkeypatch.setenv("STREAM_MTL_REPORT_EVERY_S", "1")  # evidently feature-drift reports
     topo = load_topology("drift")
     names = TopicNames(topo, "drifty")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
@@ -117,6 +120,15 @@ def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(broke
     assert 'stream_mtl_drift_alerts_total{app="drifty",task="y0"}' in text
     assert 'stream_mtl_consumer_lag{app="drifty",topic="drifty.events"}' in text
     assert 'stream_mtl_task_metric{app="drifty",metric="accuracy",task="y1"}' in text
+
+    # evidently: a DataDrift report of the shared features ran in its own process; its share is a metric
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and 'stream_mtl_feature_drift_share{app="drifty"}' not in text:
+        time.sleep(1)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'stream_mtl_feature_drift_share{app="drifty"}' in text
+    reports = list((tmp_path / "data" / "drifty" / "reports").glob("drift-*.html"))
+    assert 1 <= len(reports) <= 5
 
     time.sleep(2)  # the receiver has refused some attempts by now
     assert receiver.attempts and not receiver.accepted
