@@ -46,6 +46,7 @@ from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
 from stream_mtl.prometheus import Exporter
 from stream_mtl.reports import FeatureWindows, ReportRunner, feature_columns
+from stream_mtl.run_report import MetricsHistory
 from stream_mtl.settings import Settings
 from stream_mtl.topics import FEATURE_TABLE, OUTBOX_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
@@ -116,6 +117,7 @@ class Pipeline:
             settings.report_keep,
         )
         self.exporter = Exporter(self.names.app_id)
+        self.history = MetricsHistory(settings.run_dir / "metrics.jsonl") if settings.run_dir is not None else None
         self.metrics_port = (
             self.exporter.serve(settings.metrics_port, settings.metrics_host)
             if settings.metrics_port is not None
@@ -546,6 +548,7 @@ class Pipeline:
         await self.metrics_topic.send(key=self.worker_id.encode(), value=body)
         if self.settings.run_dir is not None:
             write_json_atomic(self.settings.run_dir / "metrics.json", snap)
+            self.history.append(snap)
 
 
 def _report_summary(last: dict[str, Any] | None, top: int = 20) -> dict[str, Any] | None:

@@ -99,6 +99,16 @@ def demo(
     run_demo(topology, broker=broker, malformed=malformed, run_dir=run_dir, timeout=timeout, limit=limit)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (with metrics.jsonl), e.g. runs/latest")],
+) -> None:
+    """Write <run_dir>/report.html: per-task metrics with drift markers, batch shares, loss weights."""
+    from stream_mtl.run_report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
 @app.command("webhook-receiver")
 def webhook_receiver(
     secret_env: Annotated[str, typer.Option(help="environment variable with the secret(s), comma-separated")] = (

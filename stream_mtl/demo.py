@@ -27,6 +27,7 @@ from rich.table import Table
 from stream_mtl.app import write_json_atomic
 from stream_mtl.broker import EmbeddedBroker, parse_broker_url
 from stream_mtl.produce import ProduceReport, produce_events
+from stream_mtl.run_report import write_report
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_producer, load_topology, resolve_topology_path
 
@@ -136,6 +137,7 @@ def run_demo(
         bootstrap = parse_broker_url(url)
         asyncio.run(create_topics(bootstrap, names.all()))
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # this run's history only
         data_dir = run_dir / "data"  # the worker's checkpoints: a fresh embedded broker means a fresh model
         if broker is None:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -143,7 +145,18 @@ def run_demo(
         stack.callback(worker_log.close)
         t_start = time.time()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_mtl", "worker", "--topology", str(path), "--broker", url],
+            [
+                sys.executable,
+                "-m",
+                "stream_mtl",
+                "worker",
+                "--topology",
+                str(path),
+                "--broker",
+                url,
+                "--run-dir",
+                str(run_dir),
+            ],
             env={
                 **os.environ,
                 "STREAM_MTL_SESSION_TIMEOUT": os.environ.get("STREAM_MTL_SESSION_TIMEOUT", "2"),
@@ -171,7 +184,8 @@ def run_demo(
         f"(sent {report.malformed}), micro-F1 {mf}, {elapsed:.1f} s; "
         + (f"worker start → first event {startup:.2f} s" if startup is not None else "start-up time unknown")
     )
-    console.print(f"report: {run_dir / 'report.md'}, metrics: {run_dir / 'metrics.json'}")
+    html = write_report(run_dir, {t.name: t.kind for t in topology.tasks})
+    console.print(f"report: {run_dir / 'report.md'}, {html}; metrics: {run_dir / 'metrics.json'}")
     return result
 
 

@@ -46,3 +46,5 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert 0.0 < metrics["micro_f1"] < 1.0
     assert "class14" in proc.stdout and "micro-F1" in proc.stdout
     assert (run_dir / "report.md").read_text().startswith("# stream_mtl demo: yeast")
+    html = (run_dir / "report.html").read_text()  # the plotted history of the run
+    assert "class1 accuracy" in html and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1
