@@ -40,6 +40,7 @@ from mode import Service
 from stream_mtl.alignment import LabelAligner
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import decode_batch, encode_batch
+from stream_mtl.drift import FeatureDriftMonitor
 from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
@@ -110,6 +111,7 @@ class Pipeline:
         self._http: httpx.AsyncClient | None = None
         self.lag: dict[str, int] = {}  # records behind the end, per input topic (the autoscaling signal)
         self.windows = FeatureWindows(feature_columns(topology), settings.report_reference, settings.report_current)
+        self.feature_drift = FeatureDriftMonitor(topology, self.names.app_id, self.worker_id)
         self.reports = ReportRunner(
             self.windows,
             (settings.run_dir or settings.data_dir / self.names.app_id) / "reports",
@@ -362,11 +364,14 @@ class Pipeline:
         """Steps 1–2 of the commit order for one poll; returns the send futures."""
         out = self.ingest.process(data)
         t0 = time.perf_counter()
-        if self.settings.report_every_s > 0:
-            for x in out.features:  # bounded windows of the shared features for the drift reports
-                self.windows.add(x)
         round_id = f"{self.worker_id}:{seq}"
         futures = []
+        for x, partition, last in out.features:
+            if self.settings.report_every_s > 0:
+                self.windows.add(x)  # bounded windows of the shared features for the drift reports
+            if self.feature_drift.columns:  # 1. feature-drift alerts, committed with the poll like the rest
+                for alert in self.feature_drift.observe(x, partition, last):
+                    futures.append(await self._publish_alert(alert.to_json()))
         for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
             futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
         for batch in out.batches:  # 1. one frame per task
@@ -430,13 +435,14 @@ class Pipeline:
                 self.first_prediction_at = time.time()
         self.timings["predictions_send"] += time.perf_counter() - t0
 
-    async def _publish_alert(self, record: bytes) -> None:
-        """An alert on ``<app>.alerts`` (keyed by its id: idempotent) and into the webhook outbox."""
+    async def _publish_alert(self, record: bytes) -> Any:
+        """An alert on ``<app>.alerts`` (keyed by its id: idempotent) and into the webhook outbox; the send's future."""
         alert_id = orjson.loads(record)["id"]
-        await self.alerts_topic.send(key=alert_id.encode(), value=record)
+        fut = await self.alerts_topic.send(key=alert_id.encode(), value=record)
         self.outbox.add(alert_id, record)
         self.alerts_sent += 1
         log.warning("drift.alert", alert=alert_id)
+        return fut
 
     async def _record_delivery(self, event: dict[str, Any]) -> None:
         """A webhook endpoint refused an alert for good, or was disabled (410): recorded on ``<app>.alerts``."""

@@ -25,7 +25,7 @@ from river import drift as river_drift
 from stream_mtl.alerts import Alert, alert_id
 from stream_mtl.topology import DriftSpec, TaskSpec, Topology
 
-__all__ = ["DriftMonitor", "ErrorDetector"]
+__all__ = ["DriftMonitor", "ErrorDetector", "FeatureDriftMonitor"]
 
 #: Offsets per alert window (see module doc).
 WINDOW_OFFSETS = 1000
@@ -40,8 +40,9 @@ class ErrorDetector:
     compared with the mean before it.
     """
 
-    def __init__(self, name: str, detector: Any):
+    def __init__(self, name: str, detector: Any, rises_only: bool = True):
         self.name = name
+        self.rises_only = rises_only  # an error stream; a feature's value stream alerts on any change
         self.detector = detector
         self.seen = 0
         self.detections = 0
@@ -69,7 +70,7 @@ class ErrorDetector:
             if at is None:
                 break
             rose = True
-            if self.name == "adwin":  # the mean ADWIN keeps after the cut vs. the mean since the last one
+            if self.name == "adwin" and self.rises_only:  # the mean ADWIN keeps after the cut vs. since the last one
                 total, n = self._since
                 seg = errors[start : at + 1]
                 before = (total + float(seg.sum())) / max(1, n + len(seg))
@@ -162,3 +163,52 @@ def _window(offsets: dict[str, list[int]] | None) -> str:
         return ""
     src, (_first, last) = max(offsets.items())
     return f"{src}@{last // WINDOW_OFFSETS}"
+
+
+class FeatureDriftMonitor:
+    """ADWIN on the value stream of each selected shared-feature column (``Topology.drift_features``).
+
+    Runs in the ingest stage, where the features are computed; any change of a column's mean
+    alerts (``task`` is ``"*"``, ``details["feature"]`` names the column).
+
+    >>> import numpy as np
+    >>> from stream_mtl.synthetic import SyntheticStream, synthetic_topology
+    >>> topo = synthetic_topology(SyntheticStream(n_features=2, n_binary=1, n_regression=0), drift_features=["f1"])
+    >>> m = FeatureDriftMonitor(topo, "app", "w1")
+    >>> x = np.zeros((4000, 2), np.float32); x[2000:, 1] = 3.0
+    >>> [a.details["feature"] for a in m.observe(x, "app.events:0", 3999)]
+    ['f1']
+    """
+
+    def __init__(self, topology: Topology, app: str, worker: str, clock: Callable[[], float] = time.time):
+        self.app, self.worker, self.clock = app, worker, clock
+        columns = topology.feature_columns()
+        self.columns = {name: columns.index(name) for name in topology.drift_features}
+        self.detectors = {
+            name: ErrorDetector("adwin", river_drift.ADWIN(), rises_only=False) for name in topology.drift_features
+        }
+        self.count = dict.fromkeys(self.columns, 0)
+
+    def observe(self, x: np.ndarray, partition: str, last_offset: int) -> list[Alert]:
+        """Feed one batch of the shared feature matrix (rows in offset order); the alerts raised."""
+        alerts = []
+        window = f"{partition}@{last_offset // WINDOW_OFFSETS}"
+        for name, col in self.columns.items():
+            det = self.detectors[name]
+            at = det.update(np.asarray(x[:, col], dtype=np.float64))
+            if at is None:
+                continue
+            self.count[name] += 1
+            alerts.append(
+                Alert(
+                    id=alert_id(self.app, "*", f"adwin:{name}", window),
+                    kind="drift",
+                    app=self.app,
+                    task="*",
+                    detector=f"adwin:{name}",
+                    worker=self.worker,
+                    ts=self.clock(),
+                    details={"feature": name, "window": window, "estimate": float(det.detector.estimation)},
+                )
+            )
+        return alerts

@@ -35,7 +35,8 @@ class IngestOutput:
     table_updates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # coalesced; None = delete
     valid: int = 0
     labels: int = 0
-    features: list[np.ndarray] = field(default_factory=list)  # the shared feature matrix of each source partition
+    #: the shared feature matrix of each source partition, with that partition and its last offset
+    features: list[tuple[np.ndarray, str, int]] = field(default_factory=list)
 
 
 class IngestStage:
@@ -133,7 +134,7 @@ class IngestStage:
             times = numeric[:, validator.required.index(self.time_field)] if self.time_field else None
             batch = RawBatch(res.events, numeric, validator.required, times)
             x = fs.transform(batch)
-            out.features.append(x)
+            out.features.append((x, f"{topic}:{partition}", res.offsets[-1]))
             out.table_updates.update(fs.table_updates())
             t2 = time.perf_counter()
             out.batches.extend(

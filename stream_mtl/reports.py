@@ -36,14 +36,8 @@ __all__ = ["FeatureWindows", "ReportRunner", "feature_columns", "run_report"]
 
 
 def feature_columns(topology: Topology) -> list[str]:
-    """A name for each column of the shared feature vector (a standardised input keeps its field name)."""
-    names: list[str] = []
-    for f in topology.features:
-        if f.kind == "standardize":
-            names += list(f.inputs)
-        else:
-            names += [f"{f.name}[{i}]" for i in range(f.width)]
-    return names
+    """A name for each column of the shared feature vector (see :meth:`Topology.feature_columns`)."""
+    return topology.feature_columns()
 
 
 class FeatureWindows:

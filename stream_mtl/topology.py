@@ -296,6 +296,9 @@ class Topology(_Frozen):
     partitions: int = Field(default=1, ge=1, description="partitions of the source and task topics")
     sources: list[str] = Field(default_factory=lambda: ["events"], description="source topics: <app>.<source>")
     max_pending: int = Field(default=100_000, ge=1, description="bound of examples waiting for a late label")
+    drift_features: list[str] = Field(
+        default_factory=list, description="shared-feature columns whose value stream ADWIN watches (feature_columns())"
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -318,6 +321,16 @@ class Topology(_Frozen):
     def input_dim(self) -> int:
         """Width of the shared feature vector (every feature's columns, concatenated)."""
         return sum(f.width for f in self.features)
+
+    def feature_columns(self) -> list[str]:
+        """A name per column of the shared feature vector (a standardised input keeps its field name)."""
+        names: list[str] = []
+        for f in self.features:
+            if f.kind == "standardize":
+                names += list(f.inputs)
+            else:
+                names += [f"{f.name}[{i}]" for i in range(f.width)]
+        return names
 
     def feature_slices(self) -> dict[str, slice]:
         """Feature name → its columns in the shared feature vector."""
@@ -408,6 +421,12 @@ def _validate(t: Topology) -> None:
         raise TopologyError("tasks: a topology needs at least one task")
     seen: dict[str, int] = {}
     feature_names = {f.name: f for f in t.features}
+    columns = set(t.feature_columns())
+    for j, col in enumerate(t.drift_features):
+        if col not in columns:
+            raise TopologyError(
+                f"drift_features[{j}]: {col!r} is not a feature column (see Topology.feature_columns())"
+            )
     for i, task in enumerate(t.tasks):
         if task.name in seen:
             raise TopologyError(f"tasks[{i}].name: duplicate task {task.name!r} (also tasks[{seen[task.name]}])")

@@ -147,3 +147,18 @@ def test_the_cool_down_keeps_one_drift_from_firing_a_storm_of_actions(tmp_path) 
     now[0] += 31
     assert drift(3) == ["drift", "action"]
     assert session.trainer.sampler.boost_factor("y0") == pytest.approx(3.0)
+
+
+def test_feature_drift_watches_the_selected_columns_and_names_them() -> None:
+    from stream_mtl.drift import FeatureDriftMonitor
+
+    gen = SyntheticStream(n_features=3, n_binary=1, n_regression=0)
+    with pytest.raises(TopologyError, match=r"drift_features\[0\]: 'f9' is not a feature column"):
+        synthetic_topology(gen, drift_features=["f9"])
+    monitor = FeatureDriftMonitor(synthetic_topology(gen, drift_features=["f0", "f2"]), "app", "w1")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6000, 3)).astype(np.float32)
+    x[3000:, 2] += 1.0  # f2 shifts; f0 and f1 do not (f1 is not watched anyway)
+    alerts = [a for start in range(0, 6000, 500) for a in monitor.observe(x[start : start + 500], "s:0", start + 499)]
+    assert {a.details["feature"] for a in alerts} == {"f2"} and alerts[0].task == "*"
+    assert alerts[0].details["window"] in {"s:0@3", "s:0@4"}  # within ~1,000 events of the shift

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -54,6 +54,16 @@ async def server() -> AsyncIterator[tuple[str, dict[str, Flaky]]]:
     await runner.cleanup()
 
 
+def recorder() -> tuple[list[dict], Callable[[dict], Awaitable[None]]]:
+    """What the outbox records (refusals, disabled endpoints), and the callback that records it."""
+    records: list[dict] = []
+
+    async def record(e: dict) -> None:
+        records.append(e)
+
+    return records, record
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000.0
@@ -72,11 +82,8 @@ async def _drain(outbox: WebhookOutbox, clock: Clock, rounds: int = 10) -> None:
 async def test_503s_are_retried_and_the_alert_arrives_once_with_one_webhook_id(server) -> None:
     url, box = server
     box["flaky"] = flaky = Flaky([503, 503, 429], retry_after="0")
-    records: list[dict] = []
+    records, record = recorder()
     clock = Clock()
-
-    async def record(e: dict) -> None:
-        records.append(e)
 
     table: dict[str, bytes] = {}
     outbox = WebhookOutbox(table, [url], [SECRET], record, allow_private=True, clock=clock)
@@ -91,11 +98,7 @@ async def test_503s_are_retried_and_the_alert_arrives_once_with_one_webhook_id(s
 async def test_410_disables_the_endpoint_and_is_recorded(server) -> None:
     url, box = server
     box["flaky"] = flaky = Flaky([410])
-    records: list[dict] = []
-
-    async def record(e: dict) -> None:
-        records.append(e)
-
+    records, record = recorder()
     clock = Clock()
     outbox = WebhookOutbox({}, [url], [SECRET], record, allow_private=True, clock=clock)
     outbox.add("a1", b"{}")
@@ -109,11 +112,7 @@ async def test_410_disables_the_endpoint_and_is_recorded(server) -> None:
 async def test_other_4xx_are_not_retried_and_are_recorded(server, status: int) -> None:
     url, box = server
     box["flaky"] = flaky = Flaky([status, 200])
-    records: list[dict] = []
-
-    async def record(e: dict) -> None:
-        records.append(e)
-
+    records, record = recorder()
     clock = Clock()
     outbox = WebhookOutbox({}, [url], [SECRET], record, allow_private=True, clock=clock)
     outbox.add("a1", b"{}")
