@@ -62,7 +62,7 @@ def run(topo: Topology, events: list[dict[str, Any]]) -> tuple[dict[str, np.ndar
         frames = [(encode_batch(b), True) for b in stage.process({0: recs}).batches]
         outputs, _changes, raised = session.process(frames)
         alerts += [orjson.loads(a) for a in raised]
-        for task, preds, _n in outputs:  # type: ignore[misc]
+        for task, preds, _n, _scores in outputs:  # type: ignore[misc]
             pb = PredictionBatch.from_json(preds)
             right[task] += [int(p == truth[task][i]) for i, p in zip(pb.ids, pb.predictions, strict=True)]
     return {t: np.asarray(v) for t, v in right.items()}, alerts

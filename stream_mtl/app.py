@@ -33,6 +33,7 @@ from typing import Any
 
 import faust
 import httpx
+import numpy as np
 import orjson
 import torch
 from mode import Service
@@ -110,10 +111,13 @@ class Pipeline:
         self.alerts_sent = 0
         self._http: httpx.AsyncClient | None = None
         self.lag: dict[str, int] = {}  # records behind the end, per input topic (the autoscaling signal)
-        self.windows = FeatureWindows(feature_columns(topology), settings.report_reference, settings.report_current)
+        ref, cur = settings.report_reference, settings.report_current
+        self.windows = FeatureWindows(feature_columns(topology), ref, cur)
         self.feature_drift = FeatureDriftMonitor(topology, self.names.app_id, self.worker_id)
+        windows = {"features": self.windows}
+        windows.update({f"predictions-{t.name}": FeatureWindows(["score"], ref, cur) for t in topology.tasks})
         self.reports = ReportRunner(
-            self.windows,
+            windows,
             (settings.run_dir or settings.data_dir / self.names.app_id) / "reports",
             settings.report_every_s,
             settings.report_keep,
@@ -428,7 +432,9 @@ class Pipeline:
             if len(out) == 2:
                 await self._send_expired(out[1])
                 continue
-            task, preds, n = out
+            task, preds, n, scores = out
+            if self.settings.report_every_s > 0:  # the prediction windows of the drift reports
+                self.reports.windows[f"predictions-{task}"].add(np.frombuffer(scores, np.float32).reshape(-1, 1))
             await self.predictions_topic.send(key=task.encode(), value=preds)
             self.predicted[task] += n
             if self.first_prediction_at is None:
@@ -511,7 +517,15 @@ class Pipeline:
             "labels_paused": self.aligner.pauses,
             "alerts_sent": self.alerts_sent,
             "lag": dict(self.lag),
-            "feature_drift": _report_summary(self.reports.last),
+            "feature_drift": _report_summary(self.reports.last.get("features")),
+            "prediction_drift": {
+                name.removeprefix("predictions-"): {
+                    "drift_share": r["drift_share"],
+                    "score": r["columns"]["score"]["score"],
+                }
+                for name, r in self.reports.last.items()
+                if name.startswith("predictions-")
+            },
             "metrics_port": self.metrics_port,
             "webhooks": {
                 "pending": self.outbox.pending(),

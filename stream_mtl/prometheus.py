@@ -48,6 +48,10 @@ class Exporter:
             [*label, "column"],
             registry=r,
         )
+        self.prediction_drift = Gauge(
+            "stream_mtl_prediction_drift_score", "drift score of each task's prediction scores (last report)", t,
+            registry=r,
+        )  # fmt: skip
         self._last: tuple[float, int] | None = None
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -76,6 +80,8 @@ class Exporter:
             self.share.labels(a, task).set(n / total)
         for task, d in (snap.get("drift") or {}).items():
             self.drift.labels(a, task).set(d.get("alerts", 0))
+        for task, d in (snap.get("prediction_drift") or {}).items():
+            self.prediction_drift.labels(a, task).set(d["score"])
         report = snap.get("feature_drift")
         if report:
             self.feature_drift.labels(a).set(report["drift_share"])

@@ -6,7 +6,8 @@ computed) and a bounded current window (a ring of the last ``current`` rows). Ev
 imports in ~2.5 s and a 5k × 16 report takes ~1 s: neither may touch the event loop or the
 trainer's GIL), which runs ``Report([DataDriftPreset()])`` (evidently 0.7), saves the HTML and a
 JSON summary under the reports folder, keeps the newest ``keep`` of each, and returns the drift
-share and the per-column scores that become metrics.
+share and the per-column scores that become metrics. The same runs for each task's prediction
+scores (one window pair per task, column ``score``).
 
 >>> import numpy as np
 >>> w = FeatureWindows(["a", "b"], reference=4, current=3)
@@ -85,8 +86,13 @@ class FeatureWindows:
         return self.ref.copy(), np.roll(self.cur, -self._pos, axis=0)
 
 
-def run_report(ref: np.ndarray, cur: np.ndarray, columns: list[str], out_dir: str, keep: int) -> dict[str, Any]:
-    """Run evidently's DataDrift preset; save HTML + JSON (newest ``keep`` kept); the summary. In a child process."""
+def run_report(
+    ref: np.ndarray, cur: np.ndarray, columns: list[str], out_dir: str, keep: int, name: str = "features"
+) -> dict[str, Any]:
+    """Run evidently's DataDrift preset; save ``drift-<name>-*.html/json`` (newest ``keep`` kept); the summary.
+
+    Runs in the report process.
+    """
     import orjson
     import pandas as pd
     from evidently import Report
@@ -110,7 +116,7 @@ def run_report(ref: np.ndarray, cur: np.ndarray, columns: list[str], out_dir: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t0)) + f"-{int(t0 * 1000) % 1000:03d}"
-    html = out / f"drift-{stamp}.html"
+    html = out / f"drift-{name}-{stamp}.html"
     snapshot.save_html(str(html))
     summary = {
         "ts": t0,
@@ -120,52 +126,62 @@ def run_report(ref: np.ndarray, cur: np.ndarray, columns: list[str], out_dir: st
         "columns": scores,
         "reference_rows": len(ref),
         "current_rows": len(cur),
+        "name": name,
         "html": html.name,
     }
-    (out / f"drift-{stamp}.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    for pattern in ("drift-*.html", "drift-*.json"):
+    (out / f"drift-{name}-{stamp}.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    for pattern in (f"drift-{name}-*.html", f"drift-{name}-*.json"):
         for old in sorted(out.glob(pattern))[:-keep]:
             old.unlink(missing_ok=True)
     return summary
 
 
 class ReportRunner:
-    """Runs :func:`run_report` in one spawned process, at most one at a time; keeps the last summary."""
+    """Runs :func:`run_report` for each window set that is due, in one spawned process, one at a time.
 
-    def __init__(self, windows: FeatureWindows, out_dir: Path, every_s: float, keep: int):
+    ``windows`` maps a name (``features``, ``predictions-<task>``) to its :class:`FeatureWindows`;
+    :attr:`last` holds the newest summary of each.
+    """
+
+    def __init__(self, windows: dict[str, FeatureWindows], out_dir: Path, every_s: float, keep: int):
         self.windows, self.out_dir, self.every_s, self.keep = windows, out_dir, every_s, keep
-        self.last: dict[str, Any] | None = None
+        self.last: dict[str, dict[str, Any]] = {}
         self.runs = 0
         self._pool: ProcessPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_at = time.monotonic()
 
     def maybe_start(self) -> bool:
-        """Start a report in the background if one is due and none is running."""
+        """Start the due reports in the background if none is running."""
         if self._task is not None and not self._task.done():
             return False
-        if time.monotonic() - self._last_at < self.every_s or not self.windows.ready():
+        if time.monotonic() - self._last_at < self.every_s:
+            return False
+        due = {name: w.take() for name, w in self.windows.items() if w.ready()}
+        if not due:
             return False
         self._last_at = time.monotonic()
-        ref, cur = self.windows.take()
-        self._task = asyncio.get_running_loop().create_task(self._run(ref, cur))
+        self._task = asyncio.get_running_loop().create_task(self._run(due))
         return True
 
-    async def _run(self, ref: np.ndarray, cur: np.ndarray) -> None:
+    async def _run(self, due: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         if self._pool is None:  # spawn: a clean interpreter (no forked threads), evidently imported there once
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         loop = asyncio.get_running_loop()
-        try:
-            self.last = await loop.run_in_executor(
-                self._pool, run_report, ref, cur, self.windows.columns, str(self.out_dir), self.keep
-            )
-            self.runs += 1
-            log.info("report.saved", file=self.last["html"], drift_share=self.last["drift_share"])
-        except Exception as exc:  # a failed report is logged, never fatal to the worker
-            log.warning("report.failed", error=f"{type(exc).__name__}: {exc}")
-            if isinstance(exc, BrokenProcessPool):  # the child died: a new one next time
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+        for name, (ref, cur) in due.items():
+            try:
+                columns = self.windows[name].columns
+                self.last[name] = await loop.run_in_executor(
+                    self._pool, run_report, ref, cur, columns, str(self.out_dir), self.keep, name
+                )
+                self.runs += 1
+                log.info("report.saved", file=self.last[name]["html"], drift_share=self.last[name]["drift_share"])
+            except Exception as exc:  # a failed report is logged, never fatal to the worker
+                log.warning("report.failed", report=name, error=f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, BrokenProcessPool):  # the child died: a new one next time
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+                    return
 
     def close(self) -> None:
         if self._task is not None:

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from stream_mtl.alerts import Alert, alert_id
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import decode_batch
@@ -40,8 +42,8 @@ __all__ = ["Expired", "Output", "TrainerError", "TrainerHost", "TrainerSession"]
 
 #: (label id, JSON record for ``<app>.labels.expired``)
 Expired = list[tuple[str, bytes]]
-#: what one task frame gave: ``(task, predictions message, rows)`` or ``(task, expired labels)``
-Output = tuple[str, bytes, int] | tuple[str, Expired]
+#: what one task frame gave: ``(task, predictions message, rows, float32 scores)`` or ``(task, expired labels)``
+Output = tuple[str, bytes, int, bytes] | tuple[str, Expired]
 
 
 class TrainerError(RuntimeError):
@@ -83,7 +85,7 @@ class TrainerSession:
 
         An examples frame is predicted (before anything learns from it) and buffered; the buffers
         are trained on when its round is complete or they are half full. A labels frame is joined
-        to the pending examples. Returns per frame ``(task, predictions message, rows)`` or
+        to the pending examples. Returns per frame ``(task, predictions message, rows, scores)`` or
         ``(task, expired labels)``, the pending-table changes of them all, and the alerts raised
         (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
         """
@@ -97,7 +99,10 @@ class TrainerSession:
             preds = tr.observe(batch)
             if learn or tr.pending() >= self.topology.buffer_size // 2:
                 tr.train()
-            out.append((batch.task, preds.to_json(), len(preds)))
+            scores = np.asarray(preds.scores, dtype=np.float32)
+            if scores.ndim == 2:  # multiclass / multilabel: the top probability
+                scores = scores.max(axis=1)
+            out.append((batch.task, preds.to_json(), len(preds), scores.tobytes()))
         alerts = self._feedback(tr.drift.drain())
         return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
 

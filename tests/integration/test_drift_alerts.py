@@ -127,8 +127,14 @@ def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(
         time.sleep(1)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'stream_mtl_feature_drift_share{app="drifty"}' in text
-    reports = list((tmp_path / "data" / "drifty" / "reports").glob("drift-*.html"))
-    assert 1 <= len(reports) <= 5
+    reports = tmp_path / "data" / "drifty" / "reports"
+    assert 1 <= len(list(reports.glob("drift-features-*.html"))) <= 5
+    deadline = time.monotonic() + 30  # and one per task on its prediction scores
+    while time.monotonic() < deadline and not all(
+        reports.glob(f"drift-predictions-{t.name}-*.json") for t in topo.tasks
+    ):
+        time.sleep(0.5)
+    assert all(list(reports.glob(f"drift-predictions-{t.name}-*.json")) for t in topo.tasks)
 
     time.sleep(2)  # the receiver has refused some attempts by now
     assert receiver.attempts and not receiver.accepted

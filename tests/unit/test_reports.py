@@ -34,26 +34,31 @@ def test_a_shifted_column_is_reported_and_only_the_newest_k_reports_are_kept(tmp
     cur[:, 1] += 3.0  # one column moved
     for _ in range(3):
         summary = run_report(ref, cur, ["a", "b", "c", "d"], str(tmp_path), keep=2)
+    run_report(ref, cur, ["a", "b", "c", "d"], str(tmp_path), keep=2, name="predictions-t")  # kept apart
     assert summary["drifted_columns"] == 1 and summary["drift_share"] == 0.25
     assert max(summary["columns"], key=lambda c: summary["columns"][c]["score"]) == "b"
-    assert len(list(tmp_path.glob("drift-*.html"))) == 2 and len(list(tmp_path.glob("drift-*.json"))) == 2
-    assert orjson.loads(sorted(tmp_path.glob("drift-*.json"))[-1].read_bytes())["html"].endswith(".html")
+    assert (
+        len(list(tmp_path.glob("drift-features-*.html"))) == 2
+        and len(list(tmp_path.glob("drift-features-*.json"))) == 2
+    )
+    assert len(list(tmp_path.glob("drift-predictions-t-*.html"))) == 1
+    assert orjson.loads(sorted(tmp_path.glob("drift-features-*.json"))[-1].read_bytes())["html"].endswith(".html")
 
 
 def test_the_runner_works_off_the_event_loop(tmp_path) -> None:
     async def main() -> tuple[dict, float]:
         w = FeatureWindows(["a", "b"], reference=500, current=200)
         w.add(np.random.default_rng(1).normal(size=(700, 2)))
-        runner = ReportRunner(w, tmp_path, every_s=0, keep=3)
+        runner = ReportRunner({"features": w}, tmp_path, every_s=0, keep=3)
         assert runner.maybe_start()
         assert not runner.maybe_start()  # one at a time
         lag, t = 0.0, asyncio.get_running_loop().time()
-        while runner.last is None:  # the loop keeps turning while the child imports evidently and reports
+        while "features" not in runner.last:  # the loop keeps turning while the child imports evidently and reports
             await asyncio.sleep(0.05)
             now = asyncio.get_running_loop().time()
             lag, t = max(lag, now - t - 0.05), now
         runner.close()
-        return runner.last, lag
+        return runner.last["features"], lag
 
     last, lag = asyncio.run(main())
     assert last["drifted_columns"] == 0 and last["current_rows"] == 200
