@@ -119,19 +119,11 @@ def write_report(run_dir: Path, task_kinds: dict[str, str] | None = None) -> Pat
                 col=1,
             )
         share = [(r["ts"] - t0, r["batch"].get(task, 0) / max(1, sum(r["batch"].values()))) for r in rows if r["batch"]]
-        fig.add_trace(
-            go.Scatter(x=[s[0] for s in share], y=[s[1] for s in share], stackgroup="share", name=f"{task} share",
-                       legendgroup=task, showlegend=False),
-            row=2,
-            col=1,
-        )  # fmt: skip
         weight = [(r["ts"] - t0, r["weights"][task]) for r in rows if task in r["weights"]]
-        fig.add_trace(
-            go.Scatter(x=[w[0] for w in weight], y=[w[1] for w in weight], mode="lines", name=f"{task} weight",
-                       legendgroup=task, showlegend=False),
-            row=3,
-            col=1,
-        )  # fmt: skip
+        for row, points, style in ((2, share, {"stackgroup": "share"}), (3, weight, {"mode": "lines"})):
+            xs_, ys_ = [p[0] for p in points], [p[1] for p in points]
+            trace = go.Scatter(x=xs_, y=ys_, name=task, legendgroup=task, showlegend=False, **style)
+            fig.add_trace(trace, row=row, col=1)
     fig.update_xaxes(title_text="seconds since the first snapshot", row=3, col=1)
     fig.update_layout(height=950, title=f"stream_mtl run: {run_dir.name} — {rows[-1]['events']:,} events")
     links = "".join(

@@ -11,14 +11,16 @@ from stream_mtl.topology import BalancerSpec, EventSchema, FeatureSpec, ModelSpe
 from stream_mtl.trainer import Trainer
 
 
-def _topology(balancer: str = "static", lr_scale: float = 1.0) -> Topology:
+def _topology(balancer: str = "static", lr_scale: float = 1.0, **b_task: object) -> Topology:
+    """Binary task ``a`` and regression task ``b`` (fed by ``a`` unless ``b_task`` says otherwise)."""
+    b_spec = {"depends_on": ["a"], "lr_scale": lr_scale, **b_task}
     return Topology(
         name="learn",
         schema=EventSchema(fields={"x0": "float", "x1": "float", "a": "bool", "b": "float"}),
         features=[FeatureSpec(name="n", inputs=["x0", "x1"])],
         tasks=[
             TaskSpec(name="a", kind="binary", label="a"),
-            TaskSpec(name="b", kind="regression", label="b", depends_on=["a"], lr_scale=lr_scale),
+            TaskSpec(name="b", kind="regression", label="b", **b_spec),
         ],
         model=ModelSpec(trunk=[8], balancer=BalancerSpec(kind=balancer)),
     )
@@ -65,16 +67,7 @@ def quantile_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def two_losses_topology(loss: object) -> Topology:
-    return Topology(
-        name="learn",
-        schema=EventSchema(fields={"x0": "float", "x1": "float", "a": "bool", "b": "float"}),
-        features=[FeatureSpec(name="n", inputs=["x0", "x1"])],
-        tasks=[
-            TaskSpec(name="a", kind="binary", label="a"),
-            TaskSpec(name="b", kind="regression", label="b", loss=loss),
-        ],
-        model=ModelSpec(trunk=[8]),
-    )
+    return _topology(loss=loss, depends_on=[])
 
 
 def test_a_user_callable_loss_is_what_the_task_learns_from() -> None:
