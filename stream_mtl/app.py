@@ -47,12 +47,12 @@ from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
 from stream_mtl.prometheus import Exporter
-from stream_mtl.reports import FeatureWindows, ReportRunner, feature_columns
+from stream_mtl.reports import FeatureWindows, ReportRunner
 from stream_mtl.run_report import MetricsHistory
 from stream_mtl.settings import Settings
 from stream_mtl.topics import FEATURE_TABLE, OUTBOX_TABLE, PENDING_TABLE, TopicNames
 from stream_mtl.topology import Topology
-from stream_mtl.trainer_host import Expired, TrainerHost, TrainerSession
+from stream_mtl.trainer_host import Expired, TrainerError, TrainerHost, TrainerSession
 
 log = get_logger(__name__)
 
@@ -102,6 +102,11 @@ class Pipeline:
         )
         #: the model and everything that learns, in its own process (see :mod:`stream_mtl.trainer_host`);
         #: started before the Faust app exists, so the fork copies no running threads
+        self.webhook_secrets = [
+            x.strip() for x in os.environ.get(settings.webhook_secret_env, "").split(",") if x.strip()
+        ]
+        if settings.webhook_urls and not self.webhook_secrets:  # before any process or port is started
+            raise ValueError(f"webhook_urls are set but ${settings.webhook_secret_env} holds no signing secret")
         app_id, worker = self.names.app_id, self.worker_id
         self.trainer = TrainerHost(
             lambda: TrainerSession(topology, checkpoints, app_id, worker),
@@ -112,7 +117,7 @@ class Pipeline:
         self._http: httpx.AsyncClient | None = None
         self.lag: dict[str, int] = {}  # records behind the end, per input topic (the autoscaling signal)
         ref, cur = settings.report_reference, settings.report_current
-        self.windows = FeatureWindows(feature_columns(topology), ref, cur)
+        self.windows = FeatureWindows(topology.feature_columns(), ref, cur)
         self.feature_drift = FeatureDriftMonitor(topology, self.names.app_id, self.worker_id)
         windows = {"features": self.windows}
         windows.update({f"predictions-{t.name}": FeatureWindows(["score"], ref, cur) for t in topology.tasks})
@@ -193,12 +198,10 @@ class Pipeline:
         self.outbox = WebhookOutbox(
             self.outbox_table,
             s.webhook_urls,
-            [x.strip() for x in os.environ.get(s.webhook_secret_env, "").split(",") if x.strip()],
+            self.webhook_secrets,
             self._record_delivery,
             allow_private=s.webhook_allow_private,
         )
-        if s.webhook_urls and not self.outbox.secrets:
-            raise ValueError(f"webhook_urls are set but ${s.webhook_secret_env} holds no signing secret")
         train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
@@ -244,10 +247,14 @@ class Pipeline:
             """A last checkpoint when the worker stops cleanly (SIGTERM), then the trainer process exits."""
 
             async def on_stop(self) -> None:
-                if pipeline.settings.checkpoint_interval > 0 and not pipeline.trainer.closed:
-                    await pipeline.trainer.call("checkpoint")
-                pipeline.trainer.close()
-                pipeline.reports.close()
+                try:
+                    if pipeline.settings.checkpoint_interval > 0 and not pipeline.trainer.closed:
+                        await pipeline.trainer.call("checkpoint")
+                finally:
+                    await pipeline.trainer.aclose()
+                    pipeline.reports.close()
+                    if pipeline._http is not None:
+                        await pipeline._http.aclose()
 
         app.service(CheckpointOnStop)
 
@@ -423,7 +430,14 @@ class Pipeline:
             header = decode_batch(value, copy=False)  # routing fields only; the trainer decodes it itself
             learn = header.kind != "labels" and self._round_complete(header.round, header.round_size)
             frames.append((value, learn))
-        outputs, changes, alerts = await self.trainer.call("process", frames)
+        try:
+            outputs, changes, alerts = await self.trainer.call("process", frames)
+        except TrainerError as exc:
+            # without its trainer the worker must not run on (ingest would keep committing): crash it, so that
+            # its supervisor restarts it; these frames are not acknowledged and are read again
+            log.error("trainer.failed", error=str(exc)[-2000:])
+            await self.app.crash(exc)
+            raise
         self._write_pending(changes)
         for record in alerts:
             await self._publish_alert(record)
@@ -531,6 +545,7 @@ class Pipeline:
                 "pending": self.outbox.pending(),
                 "delivered": self.outbox.delivered,
                 "attempts": self.outbox.attempts,
+                "given_up": self.outbox.given_up,
             },
             "feature_state_n": ing.feature_counts(),
             "timings_s": {**ing.timings, **trainer_timings, **self.timings},

@@ -6,7 +6,8 @@ table when it publishes the alert on ``<app>.alerts``, and a timer delivers what
 with backoff, the same ``webhook-id`` every time) and the worker restarting (the table comes
 back from its changelog). An endpoint that answers 410 is disabled (that is kept in the table
 too); an alert an endpoint refuses for good (another 4xx, a refused address) is dropped. Both
-are recorded through ``record`` (the worker puts them on ``<app>.alerts``).
+are recorded through ``record`` (the worker puts them on ``<app>.alerts``). The outbox is bounded:
+``MAX_ENTRIES`` waiting entries, ``MAX_ATTEMPTS`` attempts each (then recorded as failed).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ __all__ = ["WebhookOutbox"]
 
 #: Entries attempted at once per delivery round (a slow endpoint does not hold back the others).
 MAX_IN_FLIGHT = 16
+#: Bounds: an entry is given up (and recorded) after this many attempts — with the 300 s backoff cap about
+#: a day of retrying — and no more than this many entries wait; the alert itself stays on ``<app>.alerts``.
+MAX_ATTEMPTS = 300
+MAX_ENTRIES = 10_000
 
 
 class WebhookOutbox:
@@ -46,6 +51,7 @@ class WebhookOutbox:
         self.record, self.allow_private, self.clock = record, allow_private, clock
         self.delivered = 0
         self.attempts = 0
+        self.given_up = 0
 
     def _drop(self, key: str) -> None:
         if key in self.table:  # a Faust table with a default answers a missing key instead of raising
@@ -57,9 +63,14 @@ class WebhookOutbox:
     def add(self, alert_id: str, body: bytes) -> int:
         """Queue one alert for every enabled endpoint (idempotent by alert id); entries added."""
         added = 0
+        full = self.pending() >= MAX_ENTRIES
         for url in self.urls:
             key = f"{url}|{alert_id}"
             if self.disabled(url) or key in self.table:
+                continue
+            if full:  # bounded: this alert is not queued for delivery (it is still on <app>.alerts)
+                self.given_up += 1
+                log.warning("webhook.outbox_full", url=url, alert=alert_id, entries=MAX_ENTRIES)
                 continue
             entry = {"url": url, "id": alert_id, "body": body.decode(), "attempts": 0, "next_at": 0.0}
             self.table[key] = orjson.dumps(entry)
@@ -98,6 +109,9 @@ class WebhookOutbox:
             self.delivered += 1
             log.info("webhook.delivered", url=url, alert=alert_id, attempts=entry["attempts"] + 1)
             return True
+        if res.outcome == "retry" and entry["attempts"] + 1 >= MAX_ATTEMPTS:
+            res.outcome, res.error = "failed", f"gave up after {MAX_ATTEMPTS} attempts ({res.status or res.error})"
+            self.given_up += 1
         if res.outcome == "retry":
             entry["attempts"] += 1
             entry["next_at"] = self.clock() + backoff(entry["attempts"], res.retry_after)

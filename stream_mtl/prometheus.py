@@ -64,6 +64,7 @@ class Exporter:
         self.events.labels(a).set(events)
         self.dlq.labels(a).set(int(snap.get("dlq") or 0))
         self.loop_lag.labels(a).set(float(snap.get("event_loop_lag_ms", {}).get("max", 0.0)) / 1e3)
+        self.lag.clear()  # a topic this worker no longer reads must not keep its last lag (autoscaling reads it)
         for topic, n in (snap.get("lag") or {}).items():
             self.lag.labels(a, topic).set(n)
         for task, values in (snap.get("tasks") or {}).items():
@@ -85,6 +86,7 @@ class Exporter:
         report = snap.get("feature_drift")
         if report:
             self.feature_drift.labels(a).set(report["drift_share"])
+            self.column_drift.clear()  # the top columns change from report to report
             for col, score in report["columns"].items():
                 self.column_drift.labels(a, col).set(score)
 

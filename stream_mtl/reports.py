@@ -29,16 +29,10 @@ from typing import Any
 import numpy as np
 
 from stream_mtl.log import get_logger
-from stream_mtl.topology import Topology
 
 log = get_logger(__name__)
 
-__all__ = ["FeatureWindows", "ReportRunner", "feature_columns", "run_report"]
-
-
-def feature_columns(topology: Topology) -> list[str]:
-    """A name for each column of the shared feature vector (see :meth:`Topology.feature_columns`)."""
-    return topology.feature_columns()
+__all__ = ["FeatureWindows", "ReportRunner", "run_report"]
 
 
 class FeatureWindows:

@@ -285,18 +285,28 @@ class Trainer:
         head gets its own optimiser group first (its moments stay); heads that share the trunk's
         group ride along. A second call while boosted restarts the count, it does not compound.
         """
-        params = list(self.model.heads[task].parameters())
-        mine = {id(p) for p in params}
-        group = next(g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"]))
-        if len(group["params"]) != len(params):  # shared with the trunk or other heads: split it off
-            group["params"] = [p for p in group["params"] if id(p) not in mine]
-            self.optimizer.add_param_group({"params": params, "lr": group["lr"], "name": f"head.{task}"})
-            group = self.optimizer.param_groups[-1]
+        group = self._own_group(task)
         trunk = next(g for g in self.optimizer.param_groups if g.get("name") == "trunk")
         for name, g in ((f"head.{task}", group), ("trunk", trunk)):
             base = self._lr_boosts[name][1] if name in self._lr_boosts else g["lr"]
             g["lr"] = base * factor
             self._lr_boosts[name] = (g, base, steps)
+
+    def _own_group(self, task: str) -> dict[str, Any]:
+        """The optimiser group of the task's head, split off the group it shared (named ``head.<task>``)."""
+        params = list(self.model.heads[task].parameters())
+        mine = {id(p) for p in params}
+        group = next(g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"]))
+        if len(group["params"]) != len(params):
+            group["params"] = [p for p in group["params"] if id(p) not in mine]
+            self.optimizer.add_param_group({"params": params, "lr": group["lr"], "name": f"head.{task}"})
+            group = self.optimizer.param_groups[-1]
+        return group
+
+    def _end_lr_boosts(self) -> None:
+        for group, base, _left in self._lr_boosts.values():
+            group["lr"] = base
+        self._lr_boosts.clear()
 
     def _decay_lr_boosts(self) -> None:
         for name, (group, base, left) in list(self._lr_boosts.items()):
@@ -327,10 +337,12 @@ class Trainer:
     def state_json(self) -> dict[str, Any]:
         """The rest of the training state, JSON-ready (the checkpoint manifest carries it)."""
         osd = self.optimizer.state_dict()
+        base = {name: lr for name, (_g, lr, _left) in self._lr_boosts.items()}
+        groups = [{**g, "lr": base.get(g.get("name"), g["lr"])} for g in osd["param_groups"]]  # boosts are not state
         return {
             "step": self.steps,
             "examples_learned": self.examples_learned,
-            "optimizer": {"param_groups": osd["param_groups"]},
+            "optimizer": {"param_groups": groups},
             "balancer": self.balancer.state_dict(),
             "sampler": {"credit": dict(self.sampler._credit or {})},
             "offsets": self.lineage,
@@ -348,9 +360,13 @@ class Trainer:
                 _, idx, name = k.split(".", 2)
                 moments.setdefault(int(idx), {})[name] = v.to(self.device)
         groups = state.get("optimizer", {}).get("param_groups", osd["param_groups"])
+        self._end_lr_boosts()
         for g in groups:
             if isinstance(g.get("betas"), list):
                 g["betas"] = tuple(g["betas"])
+            name = str(g.get("name", ""))
+            if name.startswith("head.") and name[5:] in self.model.heads:
+                self._own_group(name[5:])  # the checkpoint's layout: a head that drift feedback split off
         try:
             self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
         except ValueError as exc:  # a checkpoint of another group layout: the weights still count

@@ -301,8 +301,16 @@ class TrainerHost:
         """Call a session method without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._io, self.call_sync, name, *args)
 
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """:meth:`close` queued behind the calls already made (it never cuts one short), off the event loop."""
+        if not self.closed:
+            await asyncio.get_running_loop().run_in_executor(self._io, self.close, timeout)
+
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the session (its process exits); later calls raise :class:`TrainerError`."""
+        """Stop the session (its process exits); later calls raise :class:`TrainerError`.
+
+        From a thread that no call is running on (asyncio code uses :meth:`aclose`).
+        """
         if self.closed:
             return
         if self._conn is not None:

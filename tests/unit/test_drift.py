@@ -162,3 +162,31 @@ def test_feature_drift_watches_the_selected_columns_and_names_them() -> None:
     alerts = [a for start in range(0, 6000, 500) for a in monitor.observe(x[start : start + 500], "s:0", start + 499)]
     assert {a.details["feature"] for a in alerts} == {"f2"} and alerts[0].task == "*"
     assert alerts[0].details["window"] in {"s:0@3", "s:0@4"}  # within ~1,000 events of the shift
+
+
+def test_a_checkpoint_taken_during_a_boost_restores_the_layout_at_base_rates(tmp_path) -> None:
+    topo = synthetic_topology(SyntheticStream(n_features=4, n_binary=2, n_regression=0), name="x", batch_size=16)
+    a = Trainer(topo, device="cpu")
+    base = a.optimizer.param_groups[0]["lr"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+
+    def feed(tr: Trainer) -> None:
+        for t in ("y0", "y1"):
+            tr.observe(TaskBatch(t, [f"e{i}" for i in range(64)], x, (x[:, 0] > 0).astype(float).tolist()))
+        tr.train()
+
+    feed(a)
+    a.raise_lr("y1", 3.0, steps=1000)
+    feed(a)
+    store = CheckpointStore(tmp_path, topo.spec_hash())
+    store.save(a.state_tensors(), a.state_json())
+    b = Trainer(topo, device="cpu", seed=7)
+    b.restore(*store.load_latest())
+    assert [g.get("name") for g in b.optimizer.param_groups] == [g.get("name") for g in a.optimizer.param_groups]
+    assert all(g["lr"] == pytest.approx(base) for g in b.optimizer.param_groups)  # the boost is not state
+    assert b.optimizer.state  # the moments came along (same layout)
+    a._end_lr_boosts()
+    feed(a), feed(b)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)

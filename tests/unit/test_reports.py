@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import orjson
 
-from stream_mtl.reports import FeatureWindows, ReportRunner, feature_columns, run_report
+from stream_mtl.reports import FeatureWindows, ReportRunner, run_report
 from stream_mtl.synthetic import SyntheticStream, synthetic_topology
 
 
@@ -24,7 +24,7 @@ def test_windows_are_bounded_and_the_current_one_keeps_the_newest_rows_in_order(
 
 def test_column_names_follow_the_feature_vector() -> None:
     topo = synthetic_topology(SyntheticStream(n_features=3, n_binary=1, n_regression=0))
-    assert feature_columns(topo) == ["f0", "f1", "f2"] and len(feature_columns(topo)) == topo.input_dim
+    assert topo.feature_columns() == ["f0", "f1", "f2"] and len(topo.feature_columns()) == topo.input_dim
 
 
 def test_a_shifted_column_is_reported_and_only_the_newest_k_reports_are_kept(tmp_path) -> None:

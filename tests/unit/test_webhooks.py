@@ -193,3 +193,19 @@ async def test_the_receiver_accepts_signed_alerts_once_and_refuses_the_rest() ->
     finally:
         await runner.cleanup()
     assert got == ["a1"]
+
+
+async def test_the_outbox_is_bounded_in_entries_and_attempts(server, monkeypatch) -> None:
+    import stream_mtl.outbox as outbox_module
+
+    url, box = server
+    box["flaky"] = Flaky([503] * 10)
+    monkeypatch.setattr(outbox_module, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(outbox_module, "MAX_ATTEMPTS", 2)
+    records, record = recorder()
+    clock = Clock()
+    outbox = WebhookOutbox({}, [url], [SECRET], record, allow_private=True, clock=clock)
+    assert [outbox.add(f"a{i}", b"{}") for i in range(5)] == [1, 1, 1, 0, 0]  # full at 3
+    await _drain(outbox, clock, rounds=4)
+    assert outbox.pending() == 0 and outbox.given_up == 5
+    assert {r["alert"] for r in records} == {"a0", "a1", "a2"} and "gave up after 2 attempts" in records[0]["error"]
