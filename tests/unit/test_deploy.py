@@ -52,3 +52,22 @@ def test_prometheus_scrapes_the_workers_and_alerts_go_to_the_receiver() -> None:
         worker["STREAM_MTL_WEBHOOK_SECRET"] == SERVICES["webhook-receiver"]["environment"]["STREAM_MTL_WEBHOOK_SECRET"]
     )
     assert (ROOT / "Dockerfile").exists()
+
+
+def test_the_keda_manifest_scales_the_worker_on_the_lag_the_workers_export() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s-worker.yaml").read_text()))
+    deployment, scaled = docs
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["args"][0] == "worker"
+    typer.main.get_command(app).commands["worker"].make_context("worker", list(container["args"][1:]))
+    assert (
+        scaled["kind"] == "ScaledObject" and scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    )
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and "stream_mtl_consumer_lag" in trigger["metadata"]["query"]
+    assert container["ports"][0]["containerPort"] == int(env["STREAM_MTL_METRICS_PORT"])
+    # the metric name in the query is the one the exporter defines
+    from stream_mtl.prometheus import Exporter
+
+    assert Exporter("x").lag._name == "stream_mtl_consumer_lag"
