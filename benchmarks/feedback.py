@@ -59,7 +59,7 @@ def run(topo: Topology, events: list[dict[str, Any]]) -> tuple[dict[str, np.ndar
     step = topo.ingest_batch
     for start in range(0, len(payloads), step):
         recs = [_Rec(topic, start + i, v) for i, v in enumerate(payloads[start : start + step])]
-        frames = [(encode_batch(b), True) for b in stage.process({0: recs}).batches]
+        frames = [encode_batch(b) for b in stage.process({0: recs}).batches]
         outputs, _changes, raised = session.process(frames)
         alerts += [orjson.loads(a) for a in raised]
         for task, preds, _n, _scores in outputs:  # type: ignore[misc]

@@ -40,7 +40,7 @@ from mode import Service
 
 from stream_mtl.alignment import LabelAligner
 from stream_mtl.checkpoint import CheckpointStore
-from stream_mtl.codec import decode_batch, encode_batch
+from stream_mtl.codec import encode_batch
 from stream_mtl.drift import FeatureDriftMonitor
 from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
 from stream_mtl.log import get_logger
@@ -70,8 +70,6 @@ TAKE_FRAMES = 16
 TAKE_WITHIN_S = 0.005
 #: Seconds between webhook delivery rounds (what is due in the outbox).
 WEBHOOK_ROUND_S = 0.25
-#: Rounds kept while waiting for their remaining task batches (bounded).
-MAX_OPEN_ROUNDS = 256
 
 
 class Pipeline:
@@ -94,7 +92,6 @@ class Pipeline:
         self.first_event_at: float | None = None
         self.last_event_at: float | None = None  # the last poll that returned records
         self.last_batch_at = 0.0
-        self._rounds: dict[str, int] = {}
         self.first_prediction_at: float | None = None
         self.timings = {"ingest_send": 0.0, "ingest_commit": 0.0, "predictions_send": 0.0}
         checkpoints = CheckpointStore(
@@ -425,13 +422,8 @@ class Pipeline:
             if items:
                 rows = await self.trainer.call("restore_pending", items)
                 log.info("labels.pending_restored", rows=rows)
-        frames = []
-        for value in values:
-            header = decode_batch(value, copy=False)  # routing fields only; the trainer decodes it itself
-            learn = header.kind != "labels" and self._round_complete(header.round, header.round_size)
-            frames.append((value, learn))
         try:
-            outputs, changes, alerts = await self.trainer.call("process", frames)
+            outputs, changes, alerts = await self.trainer.call("process", list(values))
         except TrainerError as exc:
             # without its trainer the worker must not run on (ingest would keep committing): crash it, so that
             # its supervisor restarts it; these frames are not acknowledged and are read again
@@ -481,18 +473,6 @@ class Pipeline:
                 table[key] = value
             elif key in table:
                 del table[key]
-
-    def _round_complete(self, round_id: str, size: int) -> bool:
-        if not round_id or size <= 1:
-            return True
-        seen = self._rounds.get(round_id, 0) + 1
-        if seen >= size:
-            self._rounds.pop(round_id, None)
-            return True
-        self._rounds[round_id] = seen
-        while len(self._rounds) > MAX_OPEN_ROUNDS:
-            self._rounds.pop(next(iter(self._rounds)))
-        return False
 
     async def train_if_idle(self) -> None:
         if self.trainer.status["pending"] and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:

@@ -46,6 +46,10 @@ Expired = list[tuple[str, bytes]]
 Output = tuple[str, bytes, int, bytes] | tuple[str, Expired]
 
 
+#: Rounds kept open while waiting for their remaining task frames (bounded).
+MAX_OPEN_ROUNDS = 256
+
+
 class TrainerError(RuntimeError):
     """The trainer failed (its traceback is the message) or its process is gone."""
 
@@ -61,6 +65,7 @@ class TrainerSession:
         self.checkpoints = checkpoints
         self.checkpointed_step = self._resume()
         self._last_action: dict[str, float] = {}
+        self._rounds: dict[str, int] = {}  # round id → task frames of it seen so far
 
     def _resume(self) -> int:
         """Load the newest verified checkpoint (broken ones are skipped with a warning); its step."""
@@ -80,24 +85,25 @@ class TrainerSession:
         )
         return {"steps": tr.steps, "pending": tr.pending(), "labels_settled": settled, "device": str(tr.device)}
 
-    def process(self, frames: list[tuple[bytes, bool]]) -> tuple[list[Output], dict[str, bytes | None], list[bytes]]:
-        """Task frames in the order they were read, each with whether it completes a round.
+    def process(self, frames: list[bytes]) -> tuple[list[Output], dict[str, bytes | None], list[bytes]]:
+        """Task frames in the order they were read.
 
         An examples frame is predicted (before anything learns from it) and buffered; the buffers
-        are trained on when its round is complete or they are half full. A labels frame is joined
+        are trained on when its round (every task frame of one ingest poll) is complete, or when
+        they are half full. A labels frame is joined
         to the pending examples. Returns per frame ``(task, predictions message, rows, scores)`` or
         ``(task, expired labels)``, the pending-table changes of them all, and the alerts raised
         (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
         """
         tr = self.trainer
         out: list[Output] = []
-        for frame, learn in frames:
+        for frame in frames:
             batch = decode_batch(frame)
             if batch.kind == "labels":
                 out.append((batch.task, [(e.id, e.to_json()) for e in tr.observe_labels(batch)]))
                 continue
             preds = tr.observe(batch)
-            if learn or tr.pending() >= self.topology.buffer_size // 2:
+            if self._round_complete(batch.round, batch.round_size) or tr.pending() >= self.topology.buffer_size // 2:
                 tr.train()
             scores = np.asarray(preds.scores, dtype=np.float32)
             if scores.ndim == 2:  # multiclass / multilabel: the top probability
@@ -105,6 +111,19 @@ class TrainerSession:
             out.append((batch.task, preds.to_json(), len(preds), scores.tobytes()))
         alerts = self._feedback(tr.drift.drain())
         return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
+
+    def _round_complete(self, round_id: str, size: int) -> bool:
+        """Whether this frame is the last of its round to arrive (rounds kept open are bounded)."""
+        if not round_id or size <= 1:
+            return True
+        seen = self._rounds.get(round_id, 0) + 1
+        if seen >= size:
+            self._rounds.pop(round_id, None)
+            return True
+        self._rounds[round_id] = seen
+        while len(self._rounds) > MAX_OPEN_ROUNDS:
+            self._rounds.pop(next(iter(self._rounds)))
+        return False
 
     def _feedback(self, drifts: list[Alert]) -> list[Alert]:
         """Each drift alert, then the actions its task declares (at most once per cool-down)."""

@@ -84,7 +84,7 @@ def _run(session: TrainerSession, flip_at: int, n: int = 6000, step: int = 200) 
 
     alerts = []
     for start in range(0, n, step):
-        _out, _changes, recs = session.process([(encode_batch(_frame("y0", start, step, start >= flip_at)), True)])
+        _out, _changes, recs = session.process([encode_batch(_frame("y0", start, step, start >= flip_at))])
         alerts += recs
     import orjson
 

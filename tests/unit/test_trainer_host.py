@@ -22,10 +22,10 @@ GEN = SyntheticStream(n_features=4, n_binary=2, n_regression=0, seed=3)
 TOPO = synthetic_topology(GEN, name="host", batch_size=8)
 
 
-def frames() -> list[tuple[bytes, bool]]:
+def frames() -> list[bytes]:
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     return [
-        (encode_batch(TaskBatch(t, [f"e{i}" for i in range(10)], x, [1.0] * 10, round="r", round_size=2)), t == "y1")
+        encode_batch(TaskBatch(t, [f"e{i}" for i in range(10)], x, [1.0] * 10, round="r", round_size=2))
         for t in ("y0", "y1")
     ]
 
@@ -53,7 +53,7 @@ def test_an_error_in_the_trainer_comes_back_with_its_traceback(tmp_path) -> None
     host = TrainerHost(lambda: TrainerSession(TOPO, CheckpointStore(tmp_path, TOPO.spec_hash())))
     try:
         with pytest.raises(TrainerError, match="CodecError"):
-            host.call_sync("process", [(b"not a frame", True)])
+            host.call_sync("process", [b"not a frame"])
         assert host.call_sync("snapshot")["steps"] == 0  # and the process goes on serving
     finally:
         host.close()
