@@ -16,6 +16,7 @@ Detector state is per worker (an alert says which worker and partition saw it).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = ["DriftMonitor", "ErrorDetector", "FeatureDriftMonitor"]
 
 #: Offsets per alert window (see module doc).
 WINDOW_OFFSETS = 1000
+#: Alerts kept for :meth:`DriftMonitor.drain`.
+MAX_UNDRAINED = 1000
 
 
 class ErrorDetector:
@@ -114,7 +117,8 @@ class DriftMonitor:
         self.app, self.worker, self.clock = app, worker, clock
         self.tasks = {t.name: t for t in topology.tasks}
         self.detectors = {t.name: [ErrorDetector.make(k, t.drift) for k in t.drift.detectors] for t in topology.tasks}
-        self.alerts: list[Alert] = []
+        #: raised, not yet drained (bounded: a caller that never drains keeps the newest MAX_UNDRAINED)
+        self.alerts: deque[Alert] = deque(maxlen=MAX_UNDRAINED)
         self.count = {t.name: 0 for t in topology.tasks}
 
     def observe(
@@ -154,7 +158,8 @@ class DriftMonitor:
         return raised
 
     def drain(self) -> list[Alert]:
-        out, self.alerts = self.alerts, []
+        out = list(self.alerts)
+        self.alerts.clear()
         return out
 
 

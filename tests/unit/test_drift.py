@@ -190,3 +190,17 @@ def test_a_checkpoint_taken_during_a_boost_restores_the_layout_at_base_rates(tmp
     feed(a), feed(b)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb)
+
+
+def test_undrained_alerts_are_bounded(monkeypatch) -> None:
+    import stream_mtl.drift as drift_module
+
+    monkeypatch.setattr(drift_module, "MAX_UNDRAINED", 2)
+    topo = synthetic_topology(SyntheticStream(n_features=4, n_binary=1, n_regression=0), name="d")
+    monitor = DriftMonitor(topo, "app", "w1")
+    y = np.zeros(3000, dtype=bool)
+    decided = np.concatenate([np.zeros(2000, dtype=bool), np.ones(1000, dtype=bool)])
+    for k in range(4):  # four drifts, nobody drains
+        monitor.detectors["y0"] = [ErrorDetector.make("adwin")]
+        monitor.observe("y0", y, decided, {"d.events:0": [k * 5000, k * 5000 + 2999]})
+    assert len(monitor.drain()) == 2 and monitor.drain() == []
