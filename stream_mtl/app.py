@@ -16,8 +16,10 @@ Faust service under the app's lifecycle (Faust's own per-message dispatch would 
 functions of :mod:`stream_mtl.pipeline` and :mod:`stream_mtl.trainer`.
 
 Commit order in the ingest service, per polled batch (at-least-once):
-  1. send dead letters and task batches, 2. write coalesced feature-table updates,
-  3. wait for every send to be acknowledged, 4. commit the source offsets.
+  1. send dead letters and task batches, 2. write coalesced feature-table updates (each tagged with
+  the source offset it includes, so a replayed record is never counted twice: the feature state is
+  exactly-once), 3. wait for every send, changelog writes included, to be acknowledged, 4. commit
+  the source offsets.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
+from stream_mtl.changelog import read_latest
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import encode_batch
 from stream_mtl.drift import FeatureDriftMonitor
@@ -105,10 +108,17 @@ class Pipeline:
         if settings.webhook_urls and not self.webhook_secrets:  # before any process or port is started
             raise ValueError(f"webhook_urls are set but ${settings.webhook_secret_env} holds no signing secret")
         app_id, worker = self.names.app_id, self.worker_id
-        self.trainer = TrainerHost(
-            lambda: TrainerSession(topology, checkpoints, app_id, worker),
-            settings.trainer_process,
-            settings.torch_threads,
+        #: what this worker runs (``--role``): the ingest service, the trainer, or both
+        self.runs_ingest = settings.role in ("all", "ingest")
+        self.runs_trainer = settings.role in ("all", "trainer")
+        self.trainer: TrainerHost | None = (
+            TrainerHost(
+                lambda: TrainerSession(topology, checkpoints, app_id, worker),
+                settings.trainer_process,
+                settings.torch_threads,
+            )
+            if self.runs_trainer
+            else None
         )
         self.alerts_sent = 0
         self._http: httpx.AsyncClient | None = None
@@ -199,17 +209,8 @@ class Pipeline:
             self._record_delivery,
             allow_private=s.webhook_allow_private,
         )
-        train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
-
-        @app.agent(train_in, name=f"{self.names.app_id}.trainer")
-        async def trainer_agent(stream: faust.StreamT) -> None:
-            # the frames that are ready, in one trainer call; Faust acks them once it returns
-            async for values in stream.take(TAKE_FRAMES, within=TAKE_WITHIN_S):
-                await self.on_task_batches(values)
-
-        @app.task
-        async def subscription_guard() -> None:
-            await keep_subscribed(app, train_in.topics)
+        if self.trainer is not None:
+            self._build_trainer(app)
 
         @app.task
         async def loop_lag_probe() -> None:
@@ -217,11 +218,12 @@ class Pipeline:
 
         @app.timer(self.settings.metrics_interval)
         async def publish_metrics() -> None:
-            await self.train_if_idle()
-            if self.late:
-                expired, changes = await self.trainer.call("sweep")
-                await self._send_expired(expired)
-                self._write_pending(changes)
+            if self.trainer is not None:
+                await self.train_if_idle()
+                if self.late:
+                    expired, changes = await self.trainer.call("sweep")
+                    await self._send_expired(expired)
+                    self._write_pending(changes)
             await self.publish_metrics()
 
         if s.webhook_urls:
@@ -232,23 +234,19 @@ class Pipeline:
                     self._http = httpx.AsyncClient()
                 await self.outbox.deliver_due(self._http)
 
-        if self.settings.checkpoint_interval > 0:
-
-            @app.timer(self.settings.checkpoint_interval)
-            async def checkpoint_timer() -> None:
-                await self.trainer.call("checkpoint")
-
         pipeline = self
 
         class CheckpointOnStop(Service):
             """A last checkpoint when the worker stops cleanly (SIGTERM), then the trainer process exits."""
 
             async def on_stop(self) -> None:
+                trainer = pipeline.trainer
                 try:
-                    if pipeline.settings.checkpoint_interval > 0 and not pipeline.trainer.closed:
-                        await pipeline.trainer.call("checkpoint")
+                    if trainer is not None and pipeline.settings.checkpoint_interval > 0 and not trainer.closed:
+                        await trainer.call("checkpoint")
                 finally:
-                    await pipeline.trainer.aclose()
+                    if trainer is not None:
+                        await trainer.aclose()
                     pipeline.reports.close()
                     if pipeline._http is not None:
                         await pipeline._http.aclose()
@@ -268,8 +266,30 @@ class Pipeline:
             async def on_stop(self) -> None:
                 await pipeline.stop_ingest()
 
-        app.service(IngestService)
+        if self.runs_ingest:
+            app.service(IngestService)
         return app
+
+    def _build_trainer(self, app: faust.App) -> None:
+        """The trainer agent over every task topic, its subscription guard and the checkpoint timer."""
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
+
+        @app.agent(train_in, name=f"{self.names.app_id}.trainer")
+        async def trainer_agent(stream: faust.StreamT) -> None:
+            # the frames that are ready, in one trainer call; Faust acks them once it returns
+            async for values in stream.take(TAKE_FRAMES, within=TAKE_WITHIN_S):
+                await self.on_task_batches(values)
+
+        @app.task
+        async def subscription_guard() -> None:
+            await keep_subscribed(app, train_in.topics)
+
+        if self.settings.checkpoint_interval > 0:
+
+            @app.timer(self.settings.checkpoint_interval)
+            async def checkpoint_timer() -> None:
+                await self.trainer.call("checkpoint")
 
     # -- ingest ----------------------------------------------------------------------------------
     async def start_ingest(self) -> None:
@@ -284,10 +304,7 @@ class Pipeline:
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 pipeline.aligner.paused = False  # a new assignment starts unpaused
-                items = list(pipeline.features.items())
-                for tp in assigned:
-                    if tp.topic in pipeline.names.sources:
-                        pipeline.ingest.load_state(tp.topic, tp.partition, items)
+                await pipeline.restore_features([(tp.topic, tp.partition) for tp in assigned])
                 log.info("ingest.assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         s = self.settings
@@ -313,6 +330,28 @@ class Pipeline:
         # the labels topic only when some task takes late labels (else nobody may write to it)
         topics = [*self.names.sources, *([self.names.labels] if self.late else [])]
         self._consumer.subscribe(topics, listener=Listener())
+
+    async def restore_features(self, assigned: list[tuple[str, int]]) -> None:
+        """The feature state of the assigned source partitions, read from the ``features`` changelog.
+
+        Called before the first fetch of a new assignment (aiokafka awaits the listener), so no
+        record of a partition is featurised before its state is back. Each partition's state is
+        rebuilt from scratch: what this worker held of it before a rebalance may be stale.
+        """
+        sources = [(t, p) for t, p in assigned if t in self.names.sources]
+        self.ingest.drop_partitions_except(sources)
+        if not sources:
+            return
+        bases = tuple(b for t, p in sources for b in self.ingest.reset_partition(t, p))
+        prefixes = tuple(b + ":" for b in bases)
+        latest = await read_latest(
+            self.settings.bootstrap,
+            self.names.feature_changelog,
+            lambda key: key in bases or key.startswith(prefixes),
+        )
+        items = [(k, orjson.loads(v)) for k, v in latest.items() if v is not None]
+        loaded = sum(self.ingest.load_state(t, p, items) for t, p in sources)
+        log.info("ingest.features_restored", partitions=len(sources), keys=loaded)
 
     async def stop_ingest(self) -> None:
         consumer = getattr(self, "_consumer", None)
@@ -386,12 +425,20 @@ class Pipeline:
             batch.round = round_id
             batch.round_size = len(out.batches)
             frame = encode_batch(batch)
-            futures.append(await self.task_topics[batch.task].send(key=batch.task.encode(), value=frame))
-        for key, state in out.table_updates.items():  # 2. coalesced feature-table writes
+            partition = batch.partition % self.topology.partitions
+            futures.append(
+                await self.task_topics[batch.task].send(key=batch.task.encode(), value=frame, partition=partition)
+            )
+        # 2. coalesced feature-table writes: into the changelog partition of their source partition, and
+        # acknowledged like the sends above (Faust's own table writes are fire-and-forget)
+        table, parts = self.features, out.table_partitions
+        for key, state in out.table_updates.items():
+            part = parts[key] % self.topology.partitions
+            futures.append(table.send_changelog(part, key, state, value_serializer=None if state else "raw"))
             if state is not None:
-                self.features[key] = state
-            elif key in self.features:
-                del self.features[key]
+                table.data[key] = state
+            else:
+                table.data.pop(key, None)
         self.timings["ingest_send"] += time.perf_counter() - t0
         if out.dead:
             log.warning("ingest.dead_letters", count=len(out.dead), topic=self.names.dlq)
@@ -475,8 +522,10 @@ class Pipeline:
                 del table[key]
 
     async def train_if_idle(self) -> None:
-        if self.trainer.status["pending"] and time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S:
-            await self.trainer.call("train")
+        trainer = self.trainer
+        idle = time.monotonic() - self.last_batch_at > IDLE_TRAIN_AFTER_S
+        if trainer is not None and trainer.status["pending"] and idle:
+            await trainer.call("train")
 
     async def watch_loop_lag(self, app: faust.App, period: float = 0.05) -> None:
         """How late the event loop wakes a sleeper: the train step must never hold it (a metric)."""
@@ -492,10 +541,11 @@ class Pipeline:
     async def snapshot(self) -> dict[str, Any]:
         """This worker's metrics: ingest counters here, the trainer's from its process."""
         ing = self.ingest
-        snap = await self.trainer.call("snapshot")
+        snap = await self.trainer.call("snapshot") if self.trainer is not None else {"timings_s": {}}
         trainer_timings = snap.pop("timings_s")
         return {
             "worker": self.worker_id,
+            "role": self.settings.role,
             "ts": time.time(),
             "started_at": self.started_at,
             "first_event_at": self.first_event_at,
@@ -504,7 +554,7 @@ class Pipeline:
             "dlq": ing.dead,
             "predicted": dict(self.predicted),
             **snap,
-            "trainer_pid": self.trainer.pid,
+            "trainer_pid": self.trainer.pid if self.trainer is not None else None,
             "first_prediction_at": self.first_prediction_at,
             "event_loop_lag_ms": {"max": self.loop_lag_max * 1e3, "mean": self.loop_lag_mean * 1e3},
             "labels_received": ing.labels,

@@ -35,6 +35,9 @@ def worker(
     metrics_port: Annotated[
         Optional[int], typer.Option(envvar="STREAM_MTL_METRICS_PORT", help="serve Prometheus /metrics on this port")
     ] = None,
+    role: Annotated[
+        Optional[str], typer.Option(envvar="STREAM_MTL_ROLE", help="all (default), ingest or trainer")
+    ] = None,
 ) -> None:
     """Run a long-lived worker of a topology (Ctrl-C / SIGTERM stops it cleanly)."""
     import faust
@@ -51,6 +54,7 @@ def worker(
         session_timeout=session_timeout,
         log_level=log_level,
         metrics_port=metrics_port,
+        role=role,
     )
     asyncio.run(create_topics(settings.bootstrap, TopicNames(topo, settings.app_id).all()))
     pipeline = build_app(topo, settings)

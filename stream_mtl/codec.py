@@ -63,6 +63,9 @@ class TaskBatch:
     x_train: np.ndarray | None = None  # augmented training copy of ``x`` (never predicted)
     kind: str = "examples"  # or "labels"
     meta: list[Any] | None = None  # labels: per-label metadata (source, …)
+    #: the source (or labels) partition it came from; not on the wire: ingest sends the frame to that
+    #: partition of the task topic, so a task's frames spread over its partitions like the source's do
+    partition: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)

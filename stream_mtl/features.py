@@ -55,6 +55,8 @@ class RawBatch:
     columns: list[str]  # the numeric fields, in matrix column order
     times: np.ndarray | None = None  # event times (seconds); None: ingest time
     tokens: dict[str, list[list[str]]] = field(default_factory=dict)  # text feature → tokens per event
+    #: source offsets of the events (increasing); stateful extractors skip the ones already in their state
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -96,6 +98,8 @@ class RunningStandardizer(FeatureExtractor):
         self.n = 0
         self.mean = np.zeros(self.width, dtype=np.float64)
         self.m2 = np.zeros(self.width, dtype=np.float64)
+        #: the next source offset to fold in: a replayed event (after a crash) is not counted twice
+        self.upto = 0
         self._cols: list[int] | None = None
 
     def update(self, x: np.ndarray) -> None:
@@ -123,17 +127,24 @@ class RunningStandardizer(FeatureExtractor):
             self._cols = batch.column_index(self.inputs)
         cols = self._cols
         x = batch.numeric if cols == list(range(batch.numeric.shape[1])) else batch.numeric[:, cols]
-        self.update(x)
+        offsets = batch.offsets
+        if offsets is None:
+            self.update(x)
+        else:
+            skip = int(np.searchsorted(offsets, self.upto)) if self.upto else 0
+            self.update(x[skip:] if skip else x)
+            self.upto = max(self.upto, int(offsets[-1]) + 1)
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def state(self) -> dict[str, dict[str, Any] | None]:
-        return {"": {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}}
+        return {"": {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "o": self.upto}}
 
     def load_state(self, suffix: str, state: dict[str, Any]) -> None:
         if len(state.get("mean", [])) == self.width:
             self.n = int(state["n"])
             self.mean = np.asarray(state["mean"], dtype=np.float64)
             self.m2 = np.asarray(state["m2"], dtype=np.float64)
+            self.upto = int(state.get("o", 0))
 
 
 def _bucket(token: str, dim: int) -> tuple[int, float]:
@@ -258,6 +269,8 @@ class EntityAggregate(FeatureExtractor):
         self.entities: OrderedDict[str, list[float]] = OrderedDict()
         self._dirty: set[str] = set()
         self._evicted: set[str] = set()
+        #: entity → the next source offset to fold in (replayed events are not counted twice)
+        self.upto: dict[str, int] = {}
         self.evicted = 0
         self._cols: list[int] | None = None
 
@@ -271,10 +284,22 @@ class EntityAggregate(FeatureExtractor):
         now = self.clock()
         times = batch.times.tolist() if batch.times is not None else [now] * n
         ents, decay, k = self.entities, self.decay, len(self.inputs)
+        offsets = batch.offsets.tolist() if batch.offsets is not None else None
+        upto = self.upto
         for i, ev in enumerate(batch.events):
             key = str(ev[self.key])
             t = times[i]
             st = ents.get(key)
+            if offsets is not None:
+                if st is not None and offsets[i] < upto.get(key, 0):  # replayed: already in the state
+                    f = math.exp(-decay * max(0.0, t - st[0]))
+                    cnt = st[1] * f
+                    out[i, 0] = math.log1p(cnt)
+                    if cnt > 0:
+                        for j in range(k):
+                            out[i, 1 + j] = st[2 + j] * f / cnt
+                    continue
+                upto[key] = offsets[i] + 1
             if st is None:
                 st = ents[key] = [t, 0.0] + [0.0] * k
             else:
@@ -304,6 +329,7 @@ class EntityAggregate(FeatureExtractor):
             if len(ents) <= self.max_entities and now - st[0] <= self.ttl_s:
                 break
             del ents[key]
+            self.upto.pop(key, None)
             self.evicted += 1
             self._dirty.discard(key)
             self._evicted.add(key)
@@ -311,7 +337,7 @@ class EntityAggregate(FeatureExtractor):
     def state(self) -> dict[str, dict[str, Any] | None]:
         out: dict[str, dict[str, Any] | None] = {k: None for k in self._evicted}
         for k in self._dirty:
-            out[k] = {"s": self.entities[k]}
+            out[k] = {"s": self.entities[k], "o": self.upto.get(k, 0)}
         self._dirty.clear()
         self._evicted.clear()
         return out
@@ -320,6 +346,8 @@ class EntityAggregate(FeatureExtractor):
         s = state.get("s")
         if isinstance(s, list) and len(s) == 2 + len(self.inputs):
             self.entities[suffix] = [float(v) for v in s]
+            if "o" in state:
+                self.upto[suffix] = int(state["o"])
 
 
 def make_extractor(spec: FeatureSpec, clock: Callable[[], float] = time.time) -> FeatureExtractor:

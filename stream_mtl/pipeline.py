@@ -33,6 +33,8 @@ class IngestOutput:
     batches: list[TaskBatch] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     table_updates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # coalesced; None = delete
+    #: the source partition each updated key belongs to (its changelog partition)
+    table_partitions: dict[str, int] = field(default_factory=dict)
     valid: int = 0
     labels: int = 0
     #: the shared feature matrix of each source partition, with that partition and its last offset
@@ -82,6 +84,17 @@ class IngestStage:
             )
         return fs
 
+    def reset_partition(self, topic: str, partition: int) -> list[str]:
+        """Forget one source partition's feature state (it is about to be restored); its table keys' bases."""
+        self.feature_sets.pop((topic, partition), None)
+        fs = self.feature_set(topic, partition)
+        return [fs.key(name) for name in fs.extractors]
+
+    def drop_partitions_except(self, keep: list[tuple[str, int]]) -> None:
+        """Forget the feature state of source partitions this worker no longer owns (bounded memory)."""
+        for tp in set(self.feature_sets) - set(keep):
+            del self.feature_sets[tp]
+
     def load_state(self, topic: str, partition: int, items: list[tuple[str, Any]]) -> int:
         """Restore one source partition's feature state from feature-table items."""
         return self.feature_set(topic, partition).load(items)
@@ -99,10 +112,13 @@ class IngestStage:
         for recs in partitions.values():
             if not recs:
                 continue
+            first = len(out.batches)
             if recs[0].topic == self.labels_topic:
                 self._process_labels(recs, out)
             else:
                 self._process_partition(recs, out)
+            for batch in out.batches[first:]:
+                batch.partition = recs[0].partition
         return out
 
     def _process_labels(self, recs: list[SourceRecord], out: IngestOutput) -> None:
@@ -132,10 +148,13 @@ class IngestStage:
             fs = self.feature_set(topic, partition)
             numeric = np.array(res.values, dtype=np.float64).reshape(len(res.events), len(validator.required))
             times = numeric[:, validator.required.index(self.time_field)] if self.time_field else None
-            batch = RawBatch(res.events, numeric, validator.required, times)
+            offsets = np.asarray(res.offsets, dtype=np.int64)
+            batch = RawBatch(res.events, numeric, validator.required, times, offsets=offsets)
             x = fs.transform(batch)
             out.features.append((x, f"{topic}:{partition}", res.offsets[-1]))
-            out.table_updates.update(fs.table_updates())
+            updates = fs.table_updates()
+            out.table_updates.update(updates)
+            out.table_partitions.update(dict.fromkeys(updates, partition))
             t2 = time.perf_counter()
             out.batches.extend(
                 self.router.route(res.events, res.offsets, x, source, f"{topic}:{partition}", res.columns, batch.tokens)

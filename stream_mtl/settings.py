@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream_mtl.broker import parse_broker_url
@@ -62,8 +63,28 @@ class Settings(BaseSettings):
     report_current: int = Field(default=1000, ge=10, description="rows in the current window (the last seen)")
     report_keep: int = Field(default=5, ge=1, description="HTML + JSON reports kept")
     log_level: str = "WARNING"
+    #: what this worker runs: the ingest service (decode, validate, features, route), the trainer (task
+    #: topics → predict-then-learn), or both. Ingest workers scale with the source partitions; trainer
+    #: workers with the task-topic partitions (each in the app's consumer group).
+    role: Literal["all", "ingest", "trainer"] = "all"
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")
+    #: Distributed training (torch DDP, ``stream_mtl.distributed``): this many trainer workers train one model.
+    #: Every rank's trainer process reads these from its environment (``STREAM_MTL_DIST_*``).
+    dist_world_size: int = Field(default=1, ge=1, description="trainer workers training one model (1: alone)")
+    dist_rank: int = Field(default=0, ge=0, description="this worker's rank, 0 … dist_world_size - 1")
+    dist_init_method: str | None = Field(
+        default=None, description="rank 0's rendezvous, tcp://host:port (default tcp://127.0.0.1:29500)"
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(default="auto", description="auto: nccl with CUDA, else gloo")
+    dist_timeout: float = Field(default=300.0, gt=0, description="seconds a collective waits for the other ranks")
+    dist_sync_interval: float = Field(default=0.05, gt=0, description="seconds between the ranks' lockstep ticks")
+
+    @model_validator(mode="after")
+    def _rank_below_world_size(self) -> Settings:
+        if self.dist_rank >= self.dist_world_size:
+            raise ValueError(f"dist_rank {self.dist_rank} is not below dist_world_size {self.dist_world_size}")
+        return self
 
     @property
     def bootstrap(self) -> str:

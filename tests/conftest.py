@@ -27,7 +27,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 class WorkerProcess:
     """A ``stream-mtl worker`` subprocess with its own app id (topic prefix)."""
 
-    def __init__(self, topology: str, broker: EmbeddedBroker, log_path: Path, app_id: str | None = None):
+    def __init__(
+        self,
+        topology: str,
+        broker: EmbeddedBroker,
+        log_path: Path,
+        app_id: str | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.app_id = app_id or f"t{uuid.uuid4().hex[:8]}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
@@ -47,13 +55,19 @@ class WorkerProcess:
                 "2",
                 "--log-level",
                 "INFO",
+                *args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
             # one data dir per test: workers of one test share checkpoints, tests do not
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "STREAM_MTL_DATA_DIR": str(log_path.parent / "data")},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "STREAM_MTL_DATA_DIR": str(log_path.parent / "data"),
+                **(env or {}),
+            },
         )
 
     def alive(self) -> bool:
@@ -79,8 +93,10 @@ def start_worker(broker: EmbeddedBroker, tmp_path: Path) -> Iterator:
     """Factory: ``start_worker("yeast")`` → a running :class:`WorkerProcess`; stopped afterwards."""
     workers: list[WorkerProcess] = []
 
-    def start(topology: str, app_id: str | None = None) -> WorkerProcess:
-        w = WorkerProcess(topology, broker, tmp_path / f"worker-{len(workers)}.log", app_id)
+    def start(
+        topology: str, app_id: str | None = None, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        w = WorkerProcess(topology, broker, tmp_path / f"worker-{len(workers)}.log", app_id, args, env)
         workers.append(w)
         return w
 
