@@ -38,14 +38,16 @@ import httpx
 import numpy as np
 import orjson
 import torch
+from aiokafka.errors import CommitFailedError
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
 from stream_mtl.changelog import read_latest
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import encode_batch
+from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
-from stream_mtl.faust_compat import keep_subscribed, set_fetch_max_wait
+from stream_mtl.faust_compat import keep_subscribed, seek_uncommitted_to_start, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage
@@ -68,9 +70,8 @@ STREAM_BUFFER_FRAMES = 256
 #: How long the broker may hold a fetch for partitions with nothing new (both consumers; see
 #: :mod:`stream_mtl.faust_compat`): an idle partition must not hold back a busy one.
 FETCH_MAX_WAIT_MS = 20
-#: Task frames handed to the trainer process per call, and how long to wait for more than one.
+#: Task frames handed to the trainer process per call at most (as many as Faust has ready).
 TAKE_FRAMES = 16
-TAKE_WITHIN_S = 0.005
 #: Seconds between webhook delivery rounds (what is due in the outbox).
 WEBHOOK_ROUND_S = 0.25
 
@@ -113,7 +114,7 @@ class Pipeline:
         self.runs_trainer = settings.role in ("all", "trainer")
         self.trainer: TrainerHost | None = (
             TrainerHost(
-                lambda: TrainerSession(topology, checkpoints, app_id, worker),
+                lambda: TrainerSession(topology, checkpoints, app_id, worker, ProcessGroup.from_settings(settings)),
                 settings.trainer_process,
                 settings.torch_threads,
             )
@@ -148,7 +149,10 @@ class Pipeline:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         app = faust.App(
-            self.names.app_id,
+            # the app id is the consumer group of the task topics: an ingest-only worker must not join it (Faust's
+            # assignor spreads the task partitions' table actives over every member, agent or not), so it runs in
+            # a group of its own; its feature table still writes the app's features changelog (named below)
+            self.names.app_id if self.runs_trainer else self.names.ingest_app_id,
             broker=f"kafka://{s.bootstrap}",
             store="memory://",
             datadir=str(s.data_dir / f"{self.names.app_id}-{os.getpid()}"),
@@ -169,9 +173,16 @@ class Pipeline:
             # (4096 frames of ~130 kB are half a GiB of backlog when the trainer is slower than ingest;
             # 256 are ≤ 33 MiB and still hide the fetch round trip; 32 measured slower)
             stream_buffer_maxsize=STREAM_BUFFER_FRAMES,
+            # Faust refuses to recover a changelog partition whose offset this worker wrote itself is above the
+            # partition's end offset. Every worker writes the tables' changelogs through the partitioner, and the
+            # embedded broker under-reports end offsets (shared/DESIGN.md §6): a worker that was handed a
+            # partition it had written to crashed with ConsistencyError in the scale-out test. The feature state
+            # does not depend on Faust's recovery (see restore_features).
+            recovery_consistency_check=False,
         )
         set_fetch_max_wait(app, FETCH_MAX_WAIT_MS)
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        json_keys = {"key_serializer": "json", "value_serializer": "json"}
         self.dlq_topic = app.topic(self.names.dlq, **raw)
         self.task_topics = {t.name: app.topic(self.names.task(t.name), **raw) for t in self.topology.tasks}
         self.predictions_topic = app.topic(self.names.predictions, **raw)
@@ -180,6 +191,9 @@ class Pipeline:
         self.alerts_topic = app.topic(self.names.alerts, **raw)
         self.features = app.Table(
             FEATURE_TABLE,
+            changelog_topic=app.topic(
+                self.names.feature_changelog, partitions=self.topology.partitions, key_type=str, **json_keys
+            ),
             default=None,
             partitions=self.topology.partitions,
             use_partitioner=True,  # written from the ingest service, outside stream iteration
@@ -277,9 +291,20 @@ class Pipeline:
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
         async def trainer_agent(stream: faust.StreamT) -> None:
-            # the frames that are ready, in one trainer call; Faust acks them once it returns
-            async for values in stream.take(TAKE_FRAMES, within=TAKE_WITHIN_S):
-                await self.on_task_batches(values)
+            # The frames that are ready, in one trainer call, acked once it returns. Not Faust's stream.take():
+            # when its timeout fires while a value is being added, a value can land in the batch being handed
+            # out and be cleared unprocessed (its event acked), and the stream stalled in the roles test.
+            batch: list[Any] = []
+            queue = train_in.queue
+            async for event in stream.noack().events():
+                batch.append(event)
+                if len(batch) >= TAKE_FRAMES or queue.empty():
+                    await self.on_task_batches([e.value for e in batch])
+                    for e in batch:
+                        await stream.ack(e)
+                    batch.clear()
+
+        seek_uncommitted_to_start(app, train_in.topics)
 
         @app.task
         async def subscription_guard() -> None:
@@ -290,6 +315,12 @@ class Pipeline:
             @app.timer(self.settings.checkpoint_interval)
             async def checkpoint_timer() -> None:
                 await self.trainer.call("checkpoint")
+
+    def close(self) -> None:
+        """Release the trainer process and the report pool (idempotent; after the event loop has stopped)."""
+        if self.trainer is not None and not self.trainer.closed:
+            self.trainer.close(timeout=5.0)
+        self.reports.close()
 
     # -- ingest ----------------------------------------------------------------------------------
     async def start_ingest(self) -> None:
@@ -449,7 +480,12 @@ class Pipeline:
         t0 = time.perf_counter()
         if futures:
             await asyncio.gather(*futures)
-        await self._consumer.commit(offsets)
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # the group rebalanced (a worker joined or left, or this one is stopping) and these partitions may be
+            # another member's now: it reads them again from the last commit (at-least-once), so this is no error
+            log.warning("ingest.commit_refused", partitions=len(offsets), reason=type(exc.__cause__ or exc).__name__)
         self.timings["ingest_commit"] += time.perf_counter() - t0
 
     # -- trainer ---------------------------------------------------------------------------------
@@ -594,9 +630,11 @@ class Pipeline:
             fc = self.app.consumer
             for tp in fc.assignment():
                 if tp.topic.startswith(f"{self.names.app_id}.task."):
-                    hw, read = fc.highwater(tp), fc._read_offset.get(tp)
+                    # Kafka's consumer lag (what KEDA scales on): the end minus the committed position. Not Faust's
+                    # read offset: it runs ahead of processing by up to the stream buffer (256 frames)
+                    hw, done = fc.highwater(tp), fc._committed_offset.get(tp)
                     if hw is not None:
-                        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, hw - (read + 1 if read is not None else 0))
+                        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, hw - (done or 0))
         except Exception:  # the Faust consumer is not started yet
             pass
         self.lag = lag

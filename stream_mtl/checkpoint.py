@@ -141,6 +141,10 @@ class CheckpointStore:
             raise CheckpointError(f"{weights_path}: not a valid safetensors file, sha256 {got} ({exc})") from None
         return tensors, manifest
 
+    def load_step(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The checkpoint of one step (:class:`CheckpointError` if it is missing or does not verify)."""
+        return self.verify(self.dir / f"ckpt-{step:012d}.json")
+
     def load_latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The newest checkpoint that verifies, falling back past broken ones; ``None`` if there is none."""
         for path in self.manifests():

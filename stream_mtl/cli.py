@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,6 +40,16 @@ def worker(
     role: Annotated[
         Optional[str], typer.Option(envvar="STREAM_MTL_ROLE", help="all (default), ingest or trainer")
     ] = None,
+    dist_world_size: Annotated[
+        Optional[int],
+        typer.Option(envvar="STREAM_MTL_DIST_WORLD_SIZE", help="trainer workers training one model with DDP"),
+    ] = None,
+    dist_rank: Annotated[
+        Optional[int], typer.Option(envvar="STREAM_MTL_DIST_RANK", help="this worker's rank (0: writes checkpoints)")
+    ] = None,
+    dist_init_method: Annotated[
+        Optional[str], typer.Option(envvar="STREAM_MTL_DIST_INIT_METHOD", help="rank 0's tcp://host:port")
+    ] = None,
 ) -> None:
     """Run a long-lived worker of a topology (Ctrl-C / SIGTERM stops it cleanly)."""
     import faust
@@ -55,10 +67,20 @@ def worker(
         log_level=log_level,
         metrics_port=metrics_port,
         role=role,
+        dist_world_size=dist_world_size,
+        dist_rank=dist_rank,
+        dist_init_method=dist_init_method,
     )
+    # SIGTERM before Faust installs its own handlers (imports, topics, the trainer process): a clean exit 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     asyncio.run(create_topics(settings.bootstrap, TopicNames(topo, settings.app_id).all()))
     pipeline = build_app(topo, settings)
-    faust.Worker(pipeline.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    try:
+        faust.Worker(pipeline.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    finally:
+        # a worker stopped before its services started (mid-join) never ran their on_stop: without this, the
+        # interpreter's exit waited forever for the trainer process (which ignores SIGTERM)
+        pipeline.close()
 
 
 @app.command()

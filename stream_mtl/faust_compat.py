@@ -8,6 +8,14 @@ the Conductor copying its channel set and arming its change event is never subsc
 and one added later waits the Conductor's 45 s resubscribe lock. Either way a (re)started
 worker can sit idle with its input unread. :func:`keep_subscribed` checks and repairs that.
 
+After a rebalance Faust resumes the stream partitions and fetches from them *before* it seeks them to
+their committed offsets, one partition at a time (~5 ms each on the embedded broker). Records fetched in
+that window are lost to a partition that has no committed offset yet: aiokafka's ``seek_to_committed``
+skips it (offset ``None``), so nothing rewinds it. A trainer worker started on a backlog its group had
+never read (``--role trainer`` next to ingest workers) lost about half of it.
+:func:`seek_uncommitted_to_start` rewinds such partitions to their start (at-least-once: what was
+delivered in the window is read again, nothing is skipped).
+
 Faust also hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer. aiokafka keeps one
 fetch in flight per broker, for the partitions that have nothing buffered; when those are idle
 (a drained task topic) the broker holds that fetch for the full wait while the busy partitions'
@@ -26,7 +34,7 @@ from stream_mtl.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["keep_subscribed", "missing_subscriptions", "set_fetch_max_wait"]
+__all__ = ["keep_subscribed", "missing_subscriptions", "seek_uncommitted_to_start", "set_fetch_max_wait"]
 
 
 def set_fetch_max_wait(app: faust.App, ms: int) -> None:
@@ -70,3 +78,24 @@ async def keep_subscribed(app: faust.App, topics: Iterable[str], interval: float
             log.warning("faust.resubscribe", missing=sorted(missing))
             # the two calls the Conductor's own subscriber makes
             await app.consumer.subscribe(await conductor._update_indices())
+
+
+def seek_uncommitted_to_start(app: faust.App, topics: Iterable[str]) -> None:
+    """Make the app's post-rebalance "seek to committed" rewind partitions of ``topics`` with no commit yet.
+
+    Call before the app starts (see the module doc).
+    """
+    topics = frozenset(topics)
+    consumer = app.consumer
+    seek_to_committed = consumer.seek_to_committed
+
+    async def seek_with_start() -> dict:
+        committed = await seek_to_committed()
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in topics]
+        for tp in fresh:
+            await consumer.seek(tp, 0)
+        if fresh:
+            log.info("faust.seek_uncommitted", partitions=len(fresh))
+        return committed
+
+    consumer.seek_to_committed = seek_with_start

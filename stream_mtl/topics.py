@@ -84,6 +84,11 @@ class TopicNames:
         return f"{self.app_id}.alerts"
 
     @property
+    def ingest_app_id(self) -> str:
+        """The Faust app id (and consumer group) of ingest-only workers (``--role ingest``)."""
+        return f"{self.app_id}-ingest"
+
+    @property
     def outbox_changelog(self) -> str:
         """Faust's name for the webhook outbox table's changelog."""
         return f"{self.app_id}-{OUTBOX_TABLE}-changelog"
@@ -94,7 +99,7 @@ class TopicNames:
         out = {topic: p for topic in self.sources}
         out.update({self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p})
         out.update({self.labels: p, self.labels_expired: 1, self.pending_changelog: p})
-        out.update({self.alerts: 1, self.outbox_changelog: 1})
+        out.update({self.alerts: 1, self.outbox_changelog: 1, f"{self.ingest_app_id}-{OUTBOX_TABLE}-changelog": 1})
         for t in self.topology.tasks:
             out[self.task(t.name)] = p
         return out

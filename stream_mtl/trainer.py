@@ -3,7 +3,8 @@
 :meth:`Trainer.observe` predicts a task batch with the current model (prequential: before any
 update that has seen it), scores it, and buffers it; :meth:`Trainer.train` drains the per-task
 buffers in task-mixed mini-batches chosen by the sampler. The Faust trainer agent and the test
-driver call these same methods.
+driver call these same methods. Given a :class:`~stream_mtl.distributed.ProcessGroup`, it trains one
+model with the other ranks through DDP, every step collective (:mod:`stream_mtl.distributed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stream_mtl.augment import Augmenter
 from stream_mtl.balancing import UncertaintyWeighting, make_balancer
 from stream_mtl.batching import AdaptiveSampler, MixedBatch, Reservoir, TaskBuffer, assemble, make_sampler, with_replay
 from stream_mtl.codec import PredictionBatch, TaskBatch
+from stream_mtl.distributed import Lockstep, ProcessGroup, check_topology
 from stream_mtl.drift import DriftMonitor
 from stream_mtl.evaluation import TaskMetrics, micro_f1
 from stream_mtl.labels import ExpiredLabel, PendingLabels
@@ -50,10 +52,19 @@ class Trainer:
         clock: Callable[[], float] = time.time,
         app: str | None = None,
         worker: str = "",
+        distributed: ProcessGroup | None = None,
     ):
+        """``distributed``: train with the other ranks of this (initialised) process group; default: alone."""
+        if distributed is not None and distributed.enabled:
+            check_topology(topology)
+        else:
+            distributed = None
         torch.manual_seed(seed)
         self.topology = topology
-        self.device = torch.device(device) if device is not None else default_device()
+        if device is not None:
+            self.device = torch.device(device)
+        else:
+            self.device = distributed.device() if distributed is not None else default_device()
         self.model = MTLModel(topology).to(self.device)
         #: train/eval only changes dropout: without it, switching modes per step is pure overhead (~7 %)
         self._mode_matters = any(isinstance(m, torch.nn.Dropout) for m in self.model.modules())
@@ -61,6 +72,12 @@ class Trainer:
         if isinstance(self.balancer, UncertaintyWeighting):
             self.balancer.to(self.device)
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=topology.model.lr, fused=True)
+        #: DDP and the collectives of training with other ranks (``None``: this process trains alone)
+        self.lockstep = (
+            Lockstep(distributed, self.model, topology.input_dim, self.balancer.parameters(), self.device)
+            if distributed is not None
+            else None
+        )
         #: the shared trunk's parameters (what PCGrad projects and GradNorm measures)
         self.shared_params = list(self.model.trunk.parameters())
         self.task_weights: dict[str, float] = {t.name: t.weight for t in topology.tasks}
@@ -242,9 +259,15 @@ class Trainer:
         batch = self.augmenter.apply(batch)
         x = torch.from_numpy(batch.x).to(self.device)
         y = torch.from_numpy(batch.y).to(self.device)
-        losses = block_losses(self.model, x, y, batch.blocks)
+        lockstep = self.lockstep
+        if lockstep is None:
+            losses = block_losses(self.model, x, y, batch.blocks)
+        else:
+            losses = lockstep.losses(x, y, batch.blocks)  # through DDP's forward, so its backward all-reduces
         self.optimizer.zero_grad(set_to_none=True)
         self.task_weights = self.balancer.backward(losses, self.shared_params)
+        if lockstep is not None:
+            lockstep.reduce_extra()
         self.optimizer.step()
         if self._lr_boosts:
             self._decay_lr_boosts()
@@ -254,12 +277,36 @@ class Trainer:
         self.last_losses = {t: float(v.detach()) for t, v in losses.items()}
         return self.last_losses
 
+    def idle_step(self) -> None:
+        """This rank's part of a collective step it has no rows for: a zero-gradient backward through DDP,
+        then the optimiser step with the gradient the other ranks' rows gave (the same on every rank)."""
+        if self.lockstep is None:
+            raise RuntimeError("idle_step is a step of distributed training: this trainer has no process group")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lockstep.idle_backward()
+        self.lockstep.reduce_extra()
+        self.optimizer.step()
+        if self._lr_boosts:
+            self._decay_lr_boosts()
+        self.steps += 1
+
     def train(self, min_pending: int = 0) -> int:
-        """Drain the buffers in mixed mini-batches while more than ``min_pending`` wait; returns steps."""
+        """Drain the buffers in mixed mini-batches while more than ``min_pending`` wait; returns steps.
+
+        Distributed, every rank calls it together: it steps while *any* rank has more than
+        ``min_pending`` rows waiting (a rank without takes :meth:`idle_step`), so all take the same steps.
+        """
         t0 = time.perf_counter()
         steps = 0
         bs = self.topology.batch_size
-        while self.pending() > min_pending:
+        lockstep = self.lockstep
+        while (ready := self.pending() > min_pending) or lockstep is not None:
+            if lockstep is not None and not lockstep.agree(ready):
+                break
+            if not ready:
+                self.idle_step()
+                steps += 1
+                continue
             sizes = {t: len(b) for t, b in self.buffers.items()}
             counts = self.sampler.allocate(sizes, bs)
             batch = assemble(self.buffers, counts, self.k_max)

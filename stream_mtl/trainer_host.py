@@ -11,16 +11,34 @@ same session in a thread instead (one code path; only the transport differs).
 
 The child ignores SIGINT/SIGTERM (the worker decides when to checkpoint and stop) and exits when
 its pipe closes, so a worker that is SIGKILLed does not leave it behind.
+
+**Distributed** (``STREAM_MTL_DIST_WORLD_SIZE`` > 1, :mod:`stream_mtl.distributed`): the session joins
+the process group in the trainer process, and the ranks train one model through DDP. Their workers
+call them at unrelated moments, so no call trains: a *lockstep thread* in each trainer process ticks
+every ``dist_sync_interval`` seconds (sooner when a round completes or a buffer is half full). Each
+tick is one small ``all_reduce`` taken without the session's lock (so a rank waiting for a slower one
+never blocks its own worker's calls): a stop request, whether any rank has rows, and the drift actions
+that change the model. If anything is to do, every rank takes the lock and applies those actions and
+trains in lockstep (:meth:`~stream_mtl.trainer.Trainer.train`: every step collective, a rank without
+rows takes an idle step). A rank with nothing to do still ticks, so nobody waits forever. Model-changing
+drift actions (``raise_lr``, ``reset_head``, ``rollback``) are queued and applied on every rank at the
+next tick (a reset head takes rank 0's new weights; a rollback loads rank 0's newest checkpoint
+everywhere); ``boost_sampling`` only changes which local rows are drawn, so it acts at once. Only
+rank 0 writes checkpoints; every rank resumes from rank 0's newest, in the same (shared) directory.
+When one rank closes, every rank's lockstep ends at the next tick; a session whose lockstep ended (or
+failed) refuses ``process`` from then on, so its worker stops instead of ingesting without learning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import multiprocessing
 import os
 import signal
 import socket
+import threading
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +48,11 @@ from typing import Any
 import numpy as np
 
 from stream_mtl.alerts import Alert, alert_id
-from stream_mtl.checkpoint import CheckpointStore
+from stream_mtl.checkpoint import CheckpointError, CheckpointStore
 from stream_mtl.codec import decode_batch
+from stream_mtl.distributed import ProcessGroup, check_topology
+from stream_mtl.distributed import init as join_group
+from stream_mtl.distributed import shutdown as leave_group
 from stream_mtl.log import get_logger
 from stream_mtl.topology import DriftSpec, Topology
 from stream_mtl.trainer import Trainer
@@ -49,23 +70,61 @@ Output = tuple[str, bytes, int, bytes] | tuple[str, Expired]
 #: Rounds kept open while waiting for their remaining task frames (bounded).
 MAX_OPEN_ROUNDS = 256
 
+#: Drift actions that change the model: distributed, every rank applies them together (in this order).
+LOCKSTEP_ACTIONS = ("rollback", "reset_head", "raise_lr")
+
 
 class TrainerError(RuntimeError):
     """The trainer failed (its traceback is the message) or its process is gone."""
 
 
 class TrainerSession:
-    """The trainer side of one worker; every method is one call from the agents."""
+    """The trainer side of one worker; every method is one call from the agents (through :meth:`call`).
 
-    def __init__(self, topology: Topology, checkpoints: CheckpointStore, app: str | None = None, worker: str = ""):
+    ``distributed``: the process group to train in (joined here); default: the ``STREAM_MTL_DIST_*``
+    environment variables, alone without them. See the module docstring for the lockstep.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        checkpoints: CheckpointStore,
+        app: str | None = None,
+        worker: str = "",
+        distributed: ProcessGroup | None = None,
+    ):
         self.topology = topology
         self.app = app or topology.name
         self.worker = worker
-        self.trainer = Trainer(topology, app=self.app, worker=worker)
+        group = distributed if distributed is not None else ProcessGroup.from_env()
+        #: the process group this trainer trains one model in (``None``: it trains alone)
+        self.group = group if group.enabled else None
+        if self.group is not None:
+            check_topology(topology)  # a refused balancer fails now, not after waiting for the other ranks
+            join_group(self.group)
+        self.trainer = Trainer(topology, app=self.app, worker=worker, distributed=self.group)
         self.checkpoints = checkpoints
-        self.checkpointed_step = self._resume()
+        #: held by every call (:meth:`call`) and by the lockstep thread while it trains
+        self.lock = threading.Lock()
         self._last_action: dict[str, float] = {}
         self._rounds: dict[str, int] = {}  # round id → task frames of it seen so far
+        self._tasks = [t.name for t in topology.tasks]
+        #: why the lockstep ended (a rank left, a collective failed); ``None`` while it runs
+        self.lockstep_ended: str | None = None
+        if self.group is None:
+            self.checkpointed_step = self._resume()
+            return
+        self.checkpointed_step = self._resume_together()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._queued: set[tuple[int, int]] = set()  # (LOCKSTEP_ACTIONS index, task index)
+        self._stepper = threading.Thread(target=self._lockstep, name="stream-mtl-lockstep", daemon=True)
+        self._stepper.start()
+
+    def call(self, name: str, args: tuple[Any, ...] = ()) -> tuple[Any, dict[str, Any]]:
+        """One method under the session's lock (the lockstep thread trains under it too); result and status."""
+        with self.lock:
+            return getattr(self, name)(*args), self.status()
 
     def _resume(self) -> int:
         """Load the newest verified checkpoint (broken ones are skipped with a warning); its step."""
@@ -76,6 +135,121 @@ class TrainerSession:
         self.trainer.restore(tensors, manifest)
         log.info("checkpoint.resumed", step=self.trainer.steps, dir=str(self.checkpoints.dir))
         return self.trainer.steps
+
+    # -- distributed ---------------------------------------------------------------------------------
+    def _agreed_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Rank 0's newest verified checkpoint, loaded by every rank (collective); ``None`` if it has none.
+
+        Raises :class:`CheckpointError` on every rank when some rank cannot read it (not a shared directory).
+        """
+        ls = self.trainer.lockstep
+        assert ls is not None and self.group is not None
+        loaded: tuple[dict[str, Any], dict[str, Any]] | None = None
+        step = -1
+        if self.group.rank == 0:
+            loaded = self.checkpoints.load_latest()
+            step = int(loaded[1].get("step", 0)) if loaded is not None else -1
+        step = ls.agree_max([step])[0]
+        if step < 0:
+            return None
+        if self.group.rank != 0:
+            try:
+                loaded = self.checkpoints.load_step(step)
+            except CheckpointError as exc:
+                log.error("distributed.checkpoint_unreadable", rank=self.group.rank, step=step, error=str(exc))
+        if ls.agree_range(int(loaded is not None))[0] == 0:
+            raise CheckpointError(
+                f"a rank could not read rank 0's checkpoint of step {step} in {self.checkpoints.dir}: every rank "
+                "must use the same checkpoint directory (shared storage)"
+            )
+        return loaded
+
+    def _resume_together(self) -> int:
+        """Every rank resumes from rank 0's newest checkpoint (their weights are rank 0's already)."""
+        loaded = self._agreed_checkpoint()
+        if loaded is None:
+            return -1
+        self.trainer.restore(*loaded)
+        log.info("checkpoint.resumed", step=self.trainer.steps, dir=str(self.checkpoints.dir), rank=self.group.rank)
+        return self.trainer.steps
+
+    def _lockstep(self) -> None:
+        """The lockstep thread: one collective tick every ``sync_interval_s`` (see the module docstring)."""
+        assert self.group is not None
+        tr, n = self.trainer, len(self._tasks)
+        ls = tr.lockstep
+        assert ls is not None
+        try:
+            while True:
+                self._wake.wait(self.group.sync_interval_s)
+                self._wake.clear()
+                queued = self._queued.copy()  # one C call: atomic against the calls' thread
+                flags = [self.group.rank + 1 if self._stopping.is_set() else 0, int(tr.pending() > 0)]
+                flags += [0] * (len(LOCKSTEP_ACTIONS) * n)
+                for action, task in queued:
+                    flags[2 + action * n + task] = 1
+                agreed = ls.agree_max(flags)  # without the lock: waiting for a slower rank blocks no call
+                if agreed[0]:
+                    self.lockstep_ended = f"rank {agreed[0] - 1} left the process group"
+                    log.warning("distributed.lockstep_ended", rank=self.group.rank, reason=self.lockstep_ended)
+                    return
+                if not any(agreed[1:]):
+                    continue
+                with self.lock:
+                    self._apply_actions(agreed[2:])
+                    self._queued -= queued
+                    tr.train()
+        except Exception:
+            self.lockstep_ended = f"the lockstep failed:\n{traceback.format_exc()}"
+            log.error("distributed.lockstep_failed", rank=self.group.rank, error=self.lockstep_ended)
+
+    def _apply_actions(self, flags: list[int]) -> None:
+        """The model-changing drift actions any rank asked for, applied on every rank (collective)."""
+        tr, n = self.trainer, len(self._tasks)
+        ls = tr.lockstep
+        assert ls is not None
+        if any(flags[:n]):
+            try:
+                loaded = self._agreed_checkpoint()
+            except CheckpointError as exc:  # every rank skips it alike
+                log.error("distributed.rollback_skipped", error=str(exc))
+                loaded = None
+            if loaded is not None:
+                tr.restore(*loaded)
+                log.warning("distributed.rollback", step=tr.steps)
+        for i, task in enumerate(self._tasks):
+            if flags[n + i]:
+                tr.reset_head(task)
+                ls.broadcast(list(tr.model.heads[task].parameters()))  # rank 0's fresh weights everywhere
+        for i, task in enumerate(self._tasks):
+            if flags[2 * n + i]:
+                spec = self.topology.task(task).drift
+                tr.raise_lr(task, spec.lr_factor, spec.boost_steps)
+
+    def _check_lockstep(self) -> None:
+        if self.lockstep_ended is not None:
+            raise RuntimeError(
+                f"distributed training stopped ({self.lockstep_ended}): this trainer can no longer train in "
+                "lockstep with the other ranks; restart the workers"
+            )
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the lockstep (every rank's, at the next tick) and leave the process group; alone: nothing."""
+        if self.group is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        self._stepper.join(timeout)
+        if not self._stepper.is_alive():
+            leave_group()
+
+    def digest(self) -> str:
+        """sha256 of the training state (model, optimiser moments, balancer): equal on every rank."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.trainer.state_tensors().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def status(self) -> dict[str, Any]:
         """Counters the worker reads without a call: steps, buffered rows, late labels settled."""
@@ -96,6 +270,8 @@ class TrainerSession:
         (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
         """
         tr = self.trainer
+        if self.group is not None:
+            self._check_lockstep()
         out: list[Output] = []
         for frame in frames:
             batch = decode_batch(frame)
@@ -104,7 +280,10 @@ class TrainerSession:
                 continue
             preds = tr.observe(batch)
             if self._round_complete(batch.round, batch.round_size) or tr.pending() >= self.topology.buffer_size // 2:
-                tr.train()
+                if self.group is None:
+                    tr.train()
+                else:
+                    self._wake.set()  # the lockstep thread trains, with the other ranks
             scores = np.asarray(preds.scores, dtype=np.float32)
             if scores.ndim == 2:  # multiclass / multilabel: the top probability
                 scores = scores.max(axis=1)
@@ -154,6 +333,10 @@ class TrainerSession:
 
     def _act(self, action: str, task: str, spec: DriftSpec) -> dict[str, Any]:
         tr = self.trainer
+        if self.group is not None and action in LOCKSTEP_ACTIONS:
+            self._queued.add((LOCKSTEP_ACTIONS.index(action), self._tasks.index(task)))
+            self._wake.set()
+            return {"deferred": "applied on every rank at the next lockstep tick"}
         if action == "boost_sampling":
             tr.boost_sampling(task, spec.boost, spec.boost_steps)
             return {"factor": spec.boost, "steps": spec.boost_steps}
@@ -175,7 +358,11 @@ class TrainerSession:
         return [(e.id, e.to_json()) for e in expired], self.trainer.pending_labels.changes()
 
     def train(self) -> int:
-        """Train on whatever the buffers hold; the steps taken."""
+        """Train on whatever the buffers hold; the steps taken (distributed: wakes the lockstep thread, 0)."""
+        if self.group is not None:
+            self._check_lockstep()
+            self._wake.set()
+            return 0
         return self.trainer.train()
 
     def restore_pending(self, items: list[tuple[str, bytes]]) -> int:
@@ -185,8 +372,8 @@ class TrainerSession:
     def checkpoint(self) -> str | None:
         """Write a checkpoint if the model changed since the last one; the file name."""
         tr = self.trainer
-        if tr.steps == self.checkpointed_step:
-            return None
+        if tr.steps == self.checkpointed_step or (self.group is not None and self.group.rank != 0):
+            return None  # distributed: rank 0 writes, for every rank
         path = self.checkpoints.save(tr.state_tensors(), tr.state_json())
         self.checkpointed_step = tr.steps
         log.info("checkpoint.saved", step=tr.steps, file=path.name)
@@ -201,6 +388,18 @@ class TrainerSession:
             "checkpointed_step": self.checkpointed_step,
             "device": str(tr.device),
             "timings_s": dict(tr.timings),
+            **(
+                {
+                    "distributed": {
+                        "rank": self.group.rank,
+                        "world_size": self.group.world_size,
+                        "backend": self.group.resolved_backend,
+                        "lockstep": "running" if self.lockstep_ended is None else self.lockstep_ended,
+                    }
+                }
+                if self.group is not None
+                else {}
+            ),
         }
 
 
@@ -226,14 +425,15 @@ def _serve(conn: Connection, other_end: Connection, make: Callable[[], TrainerSe
         except (EOFError, OSError):
             return
         if name == "close":
+            session.close()
             conn.send((True, (None, None)))
             return
         try:
-            result = getattr(session, name)(*args)
+            reply = session.call(name, args)
         except Exception:
             conn.send((False, traceback.format_exc()))
             continue
-        conn.send((True, (result, session.status())))
+        conn.send((True, reply))
 
 
 #: Socket buffer asked for on the trainer pipe: a call's frames (a few MB) should pass in a few
@@ -304,8 +504,7 @@ class TrainerHost:
         if self.closed:
             raise TrainerError(f"trainer is closed (call {name!r})")
         if self._session is not None:
-            result = getattr(self._session, name)(*args)
-            self.status = self._session.status()
+            result, self.status = self._session.call(name, args)
             return result
         assert self._conn is not None
         try:
@@ -332,6 +531,8 @@ class TrainerHost:
         """
         if self.closed:
             return
+        if self._session is not None:
+            self._session.close(timeout)
         if self._conn is not None:
             try:
                 self._conn.send(("close", ()))

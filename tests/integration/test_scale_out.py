@@ -1,0 +1,135 @@
+"""Scale-out: several workers of one topology share the partitions through their consumer groups.
+
+Three worker processes on a four-partition topology, one added and one removed while a producer
+runs: every event is predicted (at least once) for each of its tasks, and the work was shared.
+Worker roles: an ``ingest`` worker and a ``trainer`` worker together do what one ``all`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from stream_mtl.codec import PredictionBatch
+from stream_mtl.produce import produce_events
+from stream_mtl.synthetic import SyntheticStream
+from stream_mtl.topics import TopicNames, create_topics
+from stream_mtl.topology import Topology, load_topology
+from tests.integration.kafka_helpers import read_topic
+
+pytestmark = pytest.mark.integration
+
+TOPOLOGY = str(Path(__file__).parent / "topologies" / "synthetic_p4")
+N = 30_000
+CHUNK = 1_000
+#: three workers (six processes with their trainers) on two cores: a 2 s session lets a starved member drop out
+SESSION = ("--session-timeout", "6")
+
+
+def _expected(topo: Topology, items: list[dict]) -> set[tuple[str, str]]:
+    return {
+        (ev["id"], t.name)
+        for ev in items
+        if "_label" not in ev
+        for t in topo.tasks
+        if ev.get(t.label) is not None or t.label_ttl_s is not None
+    }
+
+
+def _predicted(bootstrap: str, names: TopicNames, want: set, alive, timeout: float = 180) -> Counter:
+    counts: Counter[tuple[str, str]] = Counter()
+    seen = [0]
+
+    def complete(rs: list) -> bool:
+        for r in rs[seen[0] :]:
+            counts.update((row["id"], row["task"]) for row in PredictionBatch.from_json(r.value).rows())
+        seen[0] = len(rs)
+        return want <= counts.keys()
+
+    try:
+        asyncio.run(read_topic(bootstrap, names.predictions, complete, timeout, alive))
+    except TimeoutError as exc:  # say what is missing
+        missing = want - counts.keys()
+        by_task = Counter(task for _, task in missing)
+        sample = sorted(missing)[:5]
+        raise AssertionError(f"{len(missing)} predictions missing, per task {dict(by_task)}: {sample}") from exc
+    return counts
+
+
+def _snapshots(bootstrap: str, names: TopicNames, done, timeout: float = 60) -> dict[str, dict]:
+    """The last metrics snapshot of each worker."""
+    recs = asyncio.run(read_topic(bootstrap, names.metrics, lambda rs: done(_last_by_worker(rs)), timeout))
+    return _last_by_worker(recs)
+
+
+def _last_by_worker(rs: list) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in rs:
+        snap = orjson.loads(r.value)
+        out[snap["worker"]] = snap
+    return out
+
+
+def test_workers_join_and_leave_mid_stream_and_nothing_is_lost(broker, start_worker) -> None:
+    topo = load_topology(TOPOLOGY)
+    names = TopicNames(topo, f"scale{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    items = list(SyntheticStream.default().events(N))
+    want = _expected(topo, items)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(0, len(items), CHUNK):
+            asyncio.run(produce_events(broker.bootstrap, names, items[i : i + CHUNK]))
+            if not done.is_set():
+                time.sleep(0.5)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    a = start_worker(TOPOLOGY, app_id=names.app_id, args=SESSION)
+    b = start_worker(TOPOLOGY, app_id=names.app_id, args=SESSION)
+    time.sleep(8)
+    c = start_worker(TOPOLOGY, app_id=names.app_id, args=SESSION)  # joins mid-stream
+    time.sleep(8)
+    assert producer.is_alive(), "the membership changes must happen while events still arrive"
+    assert b.stop(signal.SIGTERM, timeout=30) == 0  # leaves mid-stream, cleanly
+    done.set()
+    producer.join(120)
+    counts = _predicted(broker.bootstrap, names, want, lambda: a.alive() and c.alive())
+    assert set(counts) == want
+    # the work was shared: the workers split the source partitions (ingest) and the task partitions (trainer);
+    # which member gets what after each change is the broker's group coordination, so two of three is asked
+    snaps = _snapshots(broker.bootstrap, names, lambda s: len(s) >= 3)
+    assert len(snaps) == 3
+    shares = {w: (s["events"], sum(s["predicted"].values())) for w, s in snaps.items()}
+    dup = sum(counts.values()) - len(want)
+    print(f"scale-out: {len(want)} predictions, {dup} duplicates; (events, predictions) per worker {shares}")
+    assert sum(1 for ev, _ in shares.values() if ev > 0) >= 2, shares
+    assert sum(1 for _, pr in shares.values() if pr > 0) >= 2, shares
+
+
+def test_ingest_and_trainer_roles_split_the_work(broker, start_worker) -> None:
+    topo = load_topology(TOPOLOGY)
+    names = TopicNames(topo, f"roles{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    items = list(SyntheticStream.default().events(10_000))
+    want = _expected(topo, items)
+    ingest = start_worker(TOPOLOGY, app_id=names.app_id, args=("--role", "ingest"))
+    trainer = start_worker(TOPOLOGY, app_id=names.app_id, args=("--role", "trainer"))
+    asyncio.run(produce_events(broker.bootstrap, names, items, malformed=3))
+    counts = _predicted(broker.bootstrap, names, want, lambda: ingest.alive() and trainer.alive())
+    assert set(counts) == want
+    snaps = _snapshots(broker.bootstrap, names, lambda s: {x["role"] for x in s.values()} == {"ingest", "trainer"})
+    by_role = {s["role"]: s for s in snaps.values()}
+    assert by_role["ingest"]["events"] == 10_000 and by_role["ingest"]["dlq"] == 3
+    assert sum(by_role["ingest"]["predicted"].values()) == 0 and by_role["ingest"]["trainer_pid"] is None
+    assert by_role["trainer"]["events"] == 0 and by_role["trainer"]["steps"] > 0
+    assert ingest.stop() == 0 and trainer.stop() == 0
