@@ -44,13 +44,12 @@ from mode import Service
 from stream_mtl.alignment import LabelAligner
 from stream_mtl.changelog import read_latest
 from stream_mtl.checkpoint import CheckpointStore
-from stream_mtl.codec import encode_batch
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
 from stream_mtl.faust_compat import keep_subscribed, seek_uncommitted_to_start, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
-from stream_mtl.pipeline import IngestStage
+from stream_mtl.pipeline import IngestStage, task_frames
 from stream_mtl.prometheus import Exporter
 from stream_mtl.reports import FeatureWindows, ReportRunner
 from stream_mtl.run_report import MetricsHistory
@@ -135,7 +134,7 @@ class Pipeline:
             settings.report_every_s,
             settings.report_keep,
         )
-        self.exporter = Exporter(self.names.app_id)
+        self.exporter = Exporter(self.names.app_id, settings.role)
         self.history = MetricsHistory(settings.run_dir / "metrics.jsonl") if settings.run_dir is not None else None
         self.metrics_port = (
             self.exporter.serve(settings.metrics_port, settings.metrics_host)
@@ -452,14 +451,8 @@ class Pipeline:
                     futures.append(await self._publish_alert(alert.to_json()))
         for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
             futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
-        for batch in out.batches:  # 1. one frame per task
-            batch.round = round_id
-            batch.round_size = len(out.batches)
-            frame = encode_batch(batch)
-            partition = batch.partition % self.topology.partitions
-            futures.append(
-                await self.task_topics[batch.task].send(key=batch.task.encode(), value=frame, partition=partition)
-            )
+        for task, partition, frame in task_frames(out, round_id, self.topology.partitions):  # 1. one frame per task
+            futures.append(await self.task_topics[task].send(key=task.encode(), value=frame, partition=partition))
         # 2. coalesced feature-table writes: into the changelog partition of their source partition, and
         # acknowledged like the sends above (Faust's own table writes are fire-and-forget)
         table, parts = self.features, out.table_partitions

@@ -8,6 +8,8 @@ process do not collide). :meth:`Exporter.update` maps the snapshot the worker pu
 >>> ex.update({"events": 10, "dlq": 1, "tasks": {"t": {"accuracy": 0.5, "n": 10}}, "lag": {"toy.events": 3}})
 >>> b"stream_mtl_task_metric{app=\\"toy\\",metric=\\"accuracy\\",task=\\"t\\"} 0.5" in ex.render()
 True
+>>> b"stream_mtl_consumer_lag{app=\\"toy\\",role=\\"all\\",topic=\\"toy.events\\"} 3.0" in ex.render()
+True
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ __all__ = ["Exporter"]
 class Exporter:
     """Gauges of one worker; values come from :meth:`update`."""
 
-    def __init__(self, app: str):
+    def __init__(self, app: str, role: str = "all"):
         self.app = app
+        self.role = role  # the worker's --role: autoscaling scales each role on its own inputs' lag
         self.registry = CollectorRegistry()
         r = self.registry
         label = ["app"]
@@ -32,7 +35,9 @@ class Exporter:
         self.events_rate = Gauge("stream_mtl_events_per_second", "events ingested per second", label, registry=r)
         self.dlq = Gauge("stream_mtl_dead_letters_total", "records sent to the dead-letter topic", label, registry=r)
         self.loop_lag = Gauge("stream_mtl_event_loop_lag_seconds", "event-loop lag, max since last", label, registry=r)
-        self.lag = Gauge("stream_mtl_consumer_lag", "records behind the end, per topic", [*label, "topic"], registry=r)
+        self.lag = Gauge(
+            "stream_mtl_consumer_lag", "records behind the end, per input topic", [*label, "role", "topic"], registry=r
+        )
         t = [*label, "task"]
         self.metric = Gauge("stream_mtl_task_metric", "prequential metric per task", [*t, "metric"], registry=r)
         self.loss = Gauge("stream_mtl_task_loss", "last training loss per task", t, registry=r)
@@ -66,7 +71,7 @@ class Exporter:
         self.loop_lag.labels(a).set(float(snap.get("event_loop_lag_ms", {}).get("max", 0.0)) / 1e3)
         self.lag.clear()  # a topic this worker no longer reads must not keep its last lag (autoscaling reads it)
         for topic, n in (snap.get("lag") or {}).items():
-            self.lag.labels(a, topic).set(n)
+            self.lag.labels(a, self.role, topic).set(n)
         for task, values in (snap.get("tasks") or {}).items():
             for name, v in values.items():
                 if isinstance(v, int | float) and v == v:

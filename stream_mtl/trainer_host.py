@@ -39,6 +39,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,8 @@ class TrainerSession:
 
     ``distributed``: the process group to train in (joined here); default: the ``STREAM_MTL_DIST_*``
     environment variables, alone without them. See the module docstring for the lockstep.
+    ``seed``, ``clock`` and ``device`` go to the :class:`~stream_mtl.trainer.Trainer` (the test driver,
+    :mod:`stream_mtl.testing`, passes a seed and a clock it controls).
     """
 
     def __init__(
@@ -92,6 +95,9 @@ class TrainerSession:
         app: str | None = None,
         worker: str = "",
         distributed: ProcessGroup | None = None,
+        seed: int = 0,
+        clock: Callable[[], float] = time.time,
+        device: str | None = None,
     ):
         self.topology = topology
         self.app = app or topology.name
@@ -102,7 +108,9 @@ class TrainerSession:
         if self.group is not None:
             check_topology(topology)  # a refused balancer fails now, not after waiting for the other ranks
             join_group(self.group)
-        self.trainer = Trainer(topology, app=self.app, worker=worker, distributed=self.group)
+        self.trainer = Trainer(
+            topology, device=device, seed=seed, clock=clock, app=self.app, worker=worker, distributed=self.group
+        )
         self.checkpoints = checkpoints
         #: held by every call (:meth:`call`) and by the lockstep thread while it trains
         self.lock = threading.Lock()
@@ -395,6 +403,8 @@ class TrainerSession:
                         "world_size": self.group.world_size,
                         "backend": self.group.resolved_backend,
                         "lockstep": "running" if self.lockstep_ended is None else self.lockstep_ended,
+                        # equal on every rank at equal steps: what a check that the replicas agree compares
+                        "state_sha256": self.digest(),
                     }
                 }
                 if self.group is not None

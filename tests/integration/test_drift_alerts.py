@@ -118,7 +118,7 @@ def test_a_drift_alerts_acts_and_reaches_the_webhook_once_across_a_restart(
             break
         time.sleep(0.5)
     assert 'stream_mtl_drift_alerts_total{app="drifty",task="y0"}' in text
-    assert 'stream_mtl_consumer_lag{app="drifty",topic="drifty.events"}' in text
+    assert 'stream_mtl_consumer_lag{app="drifty",role="all",topic="drifty.events"}' in text
     assert 'stream_mtl_task_metric{app="drifty",metric="accuracy",task="y1"}' in text
 
     # evidently: a DataDrift report of the shared features ran in its own process; its share is a metric

@@ -27,47 +27,60 @@ def test_kafka_runs_in_kraft_mode_without_zookeeper() -> None:
 def test_every_stream_mtl_command_parses_with_the_real_cli() -> None:
     cli = typer.main.get_command(app)
     seen = set()
+    roles = {}
     for name, svc in SERVICES.items():
         if svc.get("image") != "stream-mtl:latest":
             continue
         sub, *args = svc["command"]
         cmd = cli.commands[sub]  # KeyError: not a stream-mtl command
-        cmd.make_context(sub, list(args))  # raises on an unknown option or a missing argument
+        ctx = cmd.make_context(sub, list(args))  # raises on an unknown option or a missing argument
         seen.add(sub)
+        if sub == "worker":
+            roles[name] = ctx.params["role"]
         if sub != "webhook-receiver":
             assert svc["environment"]["STREAM_MTL_BROKER"] == "kafka://kafka:9092", name
     assert seen == {"worker", "produce", "webhook-receiver"}
+    assert roles == {"ingest": "ingest", "trainer": "trainer"}  # the worker roles, one service each
 
 
 def test_prometheus_scrapes_the_workers_and_alerts_go_to_the_receiver() -> None:
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     sd = prom["scrape_configs"][0]["dns_sd_configs"][0]
-    worker = SERVICES["worker"]["environment"]
-    assert sd["names"] == ["worker"] and sd["port"] == int(worker["STREAM_MTL_METRICS_PORT"])
-    assert worker["STREAM_MTL_METRICS_HOST"] == "0.0.0.0"
+    assert sd["names"] == ["ingest", "trainer"]
     receiver = SERVICES["webhook-receiver"]["command"]
     port = receiver[receiver.index("--port") + 1]
-    assert f"http://webhook-receiver:{port}/" in worker["STREAM_MTL_WEBHOOK_URLS"]
-    assert (
-        worker["STREAM_MTL_WEBHOOK_SECRET"] == SERVICES["webhook-receiver"]["environment"]["STREAM_MTL_WEBHOOK_SECRET"]
-    )
+    for role in ("ingest", "trainer"):
+        worker = SERVICES[role]["environment"]
+        assert sd["port"] == int(worker["STREAM_MTL_METRICS_PORT"])
+        assert worker["STREAM_MTL_METRICS_HOST"] == "0.0.0.0"
+        assert f"http://webhook-receiver:{port}/" in worker["STREAM_MTL_WEBHOOK_URLS"]
+        secret = SERVICES["webhook-receiver"]["environment"]["STREAM_MTL_WEBHOOK_SECRET"]
+        assert worker["STREAM_MTL_WEBHOOK_SECRET"] == secret
     assert (ROOT / "Dockerfile").exists()
 
 
-def test_the_keda_manifest_scales_the_worker_on_the_lag_the_workers_export() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s-worker.yaml").read_text()))
-    deployment, scaled = docs
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert container["args"][0] == "worker"
-    typer.main.get_command(app).commands["worker"].make_context("worker", list(container["args"][1:]))
-    assert (
-        scaled["kind"] == "ScaledObject" and scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    )
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "prometheus" and "stream_mtl_consumer_lag" in trigger["metadata"]["query"]
-    assert container["ports"][0]["containerPort"] == int(env["STREAM_MTL_METRICS_PORT"])
-    # the metric name in the query is the one the exporter defines
+def test_the_keda_manifests_scale_each_role_on_the_lag_its_workers_export() -> None:
     from stream_mtl.prometheus import Exporter
 
-    assert Exporter("x").lag._name == "stream_mtl_consumer_lag"
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s-worker.yaml").read_text()))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+    cli = typer.main.get_command(app).commands["worker"]
+    ex = Exporter("drift", "ingest")
+    ex.update({"lag": {"drift.events": 5}})
+    exported = ex.render().decode()
+    assert 'stream_mtl_consumer_lag{app="drift",role="ingest",topic="drift.events"} 5.0' in exported
+    roles = set()
+    for so in scaled:
+        deployment = deployments[so["spec"]["scaleTargetRef"]["name"]]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert container["args"][0] == "worker"
+        role = cli.make_context("worker", list(container["args"][1:])).params["role"]
+        roles.add(role)
+        trigger = so["spec"]["triggers"][0]
+        # the query sums the metric the exporter defines, for this deployment's role
+        assert trigger["type"] == "prometheus"
+        assert f'stream_mtl_consumer_lag{{app="drift", role="{role}"}}' in trigger["metadata"]["query"]
+        assert container["ports"][0]["containerPort"] == int(env["STREAM_MTL_METRICS_PORT"])
+    assert roles == {"ingest", "trainer"}

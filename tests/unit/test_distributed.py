@@ -272,7 +272,13 @@ def test_worker_sessions_called_at_unrelated_moments_train_in_lockstep(tmp_path:
     assert r0["lr_boosted"] is r1["lr_boosted"] is True
     assert r0["train_returned"] == [0] * 10  # distributed, a call never trains
     assert r0["digest"] == r1["digest"]
-    assert r0["distributed"] == {"rank": 0, "world_size": 2, "backend": "gloo", "lockstep": "running"}
+    assert r0["distributed"] == {
+        "rank": 0,
+        "world_size": 2,
+        "backend": "gloo",
+        "lockstep": "running",
+        "state_sha256": r0["digest"],
+    }
     assert r0["checkpoint"] and r1["checkpoint"] is None  # only rank 0 writes
     assert sorted(p.name for p in ckpt.glob("*.json")) == ["ckpt-000000000007.json", r0["checkpoint"]]
     assert r0["ended"] == "rank 1 left the process group"
