@@ -4,7 +4,8 @@
 per source partition, so a partition's owner is its only writer), turns late labels read from
 ``<app>.labels`` into label frames for the task topics, and keeps per-stage timings. The Faust
 ingest service calls :meth:`IngestStage.process` on each polled batch; tests and the benchmark
-call the same method.
+call the same method, and :func:`task_frames` turns its output into the task-topic messages for
+both (the Faust service sends them; :class:`~stream_mtl.testing.TopologyDriver` hands them to the trainer).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from stream_mtl.codec import TaskBatch
+from stream_mtl.codec import TaskBatch, encode_batch
 from stream_mtl.features import FeatureSet, RawBatch, TextHasher, make_extractor
 from stream_mtl.ingest import DeadLetter, EventValidator, SourceRecord, ingest_records
 from stream_mtl.labels import parse_labels
 from stream_mtl.routing import Router
 from stream_mtl.topology import Topology
 
-__all__ = ["IngestOutput", "IngestStage"]
+__all__ = ["IngestOutput", "IngestStage", "task_frames"]
 
 
 @dataclass
@@ -162,3 +163,26 @@ class IngestStage:
             self.timings["features"] += t2 - t1
             self.timings["route"] += time.perf_counter() - t2
         self.timings["decode_validate"] += t1 - t0
+
+
+def task_frames(out: IngestOutput, round_id: str, partitions: int) -> list[tuple[str, int, bytes]]:
+    """The task-topic messages of one poll: ``(task, partition, frame)`` per task batch, in order.
+
+    Every batch of the poll is tagged with its round (``round_id``, and how many frames the round
+    has: the trainer trains once it has seen them all) and goes to the partition of its task topic
+    numbered like the source partition it came from.
+
+    >>> import numpy as np
+    >>> from stream_mtl.codec import decode_batch
+    >>> out = IngestOutput(batches=[TaskBatch("a", ["e1"], np.zeros((1, 2), np.float32), [1.0], partition=3),
+    ...                             TaskBatch("b", ["e1"], np.zeros((1, 2), np.float32), [0.0], partition=3)])
+    >>> msgs = task_frames(out, "w:1", partitions=2)
+    >>> [(task, part, decode_batch(f).round, decode_batch(f).round_size) for task, part, f in msgs]
+    [('a', 1, 'w:1', 2), ('b', 1, 'w:1', 2)]
+    """
+    frames = []
+    for batch in out.batches:
+        batch.round = round_id
+        batch.round_size = len(out.batches)
+        frames.append((batch.task, batch.partition % partitions, encode_batch(batch)))
+    return frames
