@@ -97,8 +97,30 @@ class Pipeline:
         self.last_batch_at = 0.0
         self.first_prediction_at: float | None = None
         self.timings = {"ingest_send": 0.0, "ingest_commit": 0.0, "predictions_send": 0.0}
+        #: what this worker runs (``--role``): the ingest service, the trainer of the shared model, or both; or
+        #: (``task:NAME``) the trainer of one ``own_trainer`` task: its own model, consumer group and checkpoints
+        role = settings.role
+        groups = topology.trainer_groups()
+        self.trainer_group = role[5:] if role.startswith("task:") else ""
+        if self.trainer_group not in groups:
+            own = sorted(g for g in groups if g)
+            raise ValueError(
+                f"role: {role!r}: {self.trainer_group!r} is not an own_trainer task of topology {topology.name!r}"
+                f" (own_trainer tasks: {', '.join(own) or 'none'})"
+            )
+        #: the tasks this worker's trainer trains, and the topology of its model
+        self.train_tasks = groups[self.trainer_group]
+        self.train_topology = (
+            topology if len(self.train_tasks) == len(topology.tasks) else topology.restricted_to(self.train_tasks)
+        )
+        self.group_of = {task: group for group, tasks in groups.items() for task in tasks}
+        self.runs_ingest = role in ("all", "ingest")
+        self.runs_trainer = role != "ingest" and bool(self.train_tasks)
+        ckpt_dir = settings.data_dir / self.names.app_id / "checkpoints"
         checkpoints = CheckpointStore(
-            settings.data_dir / self.names.app_id / "checkpoints", topology.spec_hash(), keep=settings.checkpoint_keep
+            ckpt_dir / f"task-{self.trainer_group}" if self.trainer_group else ckpt_dir,
+            self.train_topology.spec_hash(),
+            keep=settings.checkpoint_keep,
         )
         #: the model and everything that learns, in its own process (see :mod:`stream_mtl.trainer_host`);
         #: started before the Faust app exists, so the fork copies no running threads
@@ -107,13 +129,10 @@ class Pipeline:
         ]
         if settings.webhook_urls and not self.webhook_secrets:  # before any process or port is started
             raise ValueError(f"webhook_urls are set but ${settings.webhook_secret_env} holds no signing secret")
-        app_id, worker = self.names.app_id, self.worker_id
-        #: what this worker runs (``--role``): the ingest service, the trainer, or both
-        self.runs_ingest = settings.role in ("all", "ingest")
-        self.runs_trainer = settings.role in ("all", "trainer")
+        app_id, worker, model = self.names.app_id, self.worker_id, self.train_topology
         self.trainer: TrainerHost | None = (
             TrainerHost(
-                lambda: TrainerSession(topology, checkpoints, app_id, worker, ProcessGroup.from_settings(settings)),
+                lambda: TrainerSession(model, checkpoints, app_id, worker, ProcessGroup.from_settings(settings)),
                 settings.trainer_process,
                 settings.torch_threads,
             )
@@ -151,7 +170,7 @@ class Pipeline:
             # the app id is the consumer group of the task topics: an ingest-only worker must not join it (Faust's
             # assignor spreads the task partitions' table actives over every member, agent or not), so it runs in
             # a group of its own; its feature table still writes the app's features changelog (named below)
-            self.names.app_id if self.runs_trainer else self.names.ingest_app_id,
+            self.names.faust_app_id(s.role) if self.runs_trainer else self.names.ingest_app_id,
             broker=f"kafka://{s.bootstrap}",
             store="memory://",
             datadir=str(s.data_dir / f"{self.names.app_id}-{os.getpid()}"),
@@ -286,7 +305,7 @@ class Pipeline:
     def _build_trainer(self, app: faust.App) -> None:
         """The trainer agent over every task topic, its subscription guard and the checkpoint timer."""
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        train_in = app.topic(*[self.names.task(t.name) for t in self.topology.tasks], **raw)
+        train_in = app.topic(*[self.names.task(t) for t in self.train_tasks], **raw)
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
         async def trainer_agent(stream: faust.StreamT) -> None:
@@ -451,7 +470,8 @@ class Pipeline:
                     futures.append(await self._publish_alert(alert.to_json()))
         for dead in out.dead:  # 1. dead letters: original bytes, reason in headers
             futures.append(await self.dlq_topic.send(key=dead.key, value=dead.value, headers=dead.headers()))
-        for task, partition, frame in task_frames(out, round_id, self.topology.partitions):  # 1. one frame per task
+        # 1. one frame per task
+        for task, partition, frame in task_frames(out, round_id, self.topology.partitions, self.group_of):
             futures.append(await self.task_topics[task].send(key=task.encode(), value=frame, partition=partition))
         # 2. coalesced feature-table writes: into the changelog partition of their source partition, and
         # acknowledged like the sends above (Faust's own table writes are fire-and-forget)

@@ -165,12 +165,14 @@ class IngestStage:
         self.timings["decode_validate"] += t1 - t0
 
 
-def task_frames(out: IngestOutput, round_id: str, partitions: int) -> list[tuple[str, int, bytes]]:
+def task_frames(
+    out: IngestOutput, round_id: str, partitions: int, group_of: Mapping[str, str] | None = None
+) -> list[tuple[str, int, bytes]]:
     """The task-topic messages of one poll: ``(task, partition, frame)`` per task batch, in order.
 
-    Every batch of the poll is tagged with its round (``round_id``, and how many frames the round
-    has: the trainer trains once it has seen them all) and goes to the partition of its task topic
-    numbered like the source partition it came from.
+    Every batch of the poll is tagged with its round (``round_id``, and how many frames of the round
+    go to the same trainer group, ``group_of[task]``: a trainer trains once it has seen them all) and
+    goes to the partition of its task topic numbered like the source partition it came from.
 
     >>> import numpy as np
     >>> from stream_mtl.codec import decode_batch
@@ -180,9 +182,14 @@ def task_frames(out: IngestOutput, round_id: str, partitions: int) -> list[tuple
     >>> [(task, part, decode_batch(f).round, decode_batch(f).round_size) for task, part, f in msgs]
     [('a', 1, 'w:1', 2), ('b', 1, 'w:1', 2)]
     """
+    group_of = group_of or {}
+    sizes: dict[str, int] = {}
+    for batch in out.batches:
+        g = group_of.get(batch.task, "")
+        sizes[g] = sizes.get(g, 0) + 1
     frames = []
     for batch in out.batches:
         batch.round = round_id
-        batch.round_size = len(out.batches)
+        batch.round_size = sizes[group_of.get(batch.task, "")]
         frames.append((batch.task, batch.partition % partitions, encode_batch(batch)))
     return frames

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     #: what this worker runs: the ingest service (decode, validate, features, route), the trainer (task
     #: topics → predict-then-learn), or both. Ingest workers scale with the source partitions; trainer
     #: workers with the task-topic partitions (each in the app's consumer group).
-    role: Literal["all", "ingest", "trainer"] = "all"
+    #: ``task:NAME`` trains one ``own_trainer`` task in a model of its own (its own consumer group and checkpoints).
+    role: str = Field(default="all", pattern=r"^(all|ingest|trainer|task:[A-Za-z0-9_\-]+)$")
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")
     #: Distributed training (torch DDP, ``stream_mtl.distributed``): this many trainer workers train one model.

@@ -88,6 +88,22 @@ class TopicNames:
         """The Faust app id (and consumer group) of ingest-only workers (``--role ingest``)."""
         return f"{self.app_id}-ingest"
 
+    def faust_app_id(self, role: str) -> str:
+        """The Faust app id (the consumer group of its task topics, the prefix of its tables) of a ``--role``.
+
+        >>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
+        >>> topo = Topology(name="toy", schema=EventSchema(fields={"x": "float", "y": "bool"}),
+        ...                 features=[FeatureSpec(name="n", inputs=["x"])],
+        ...                 tasks=[TaskSpec(name="t", kind="binary", label="y")])
+        >>> [TopicNames(topo).faust_app_id(r) for r in ("all", "trainer", "ingest", "task:t")]
+        ['toy', 'toy', 'toy-ingest', 'toy-task-t']
+        """
+        if role == "ingest":
+            return self.ingest_app_id
+        if role.startswith("task:"):
+            return f"{self.app_id}-task-{role[5:]}"
+        return self.app_id
+
     @property
     def outbox_changelog(self) -> str:
         """Faust's name for the webhook outbox table's changelog."""
@@ -99,7 +115,13 @@ class TopicNames:
         out = {topic: p for topic in self.sources}
         out.update({self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p})
         out.update({self.labels: p, self.labels_expired: 1, self.pending_changelog: p})
-        out.update({self.alerts: 1, self.outbox_changelog: 1, f"{self.ingest_app_id}-{OUTBOX_TABLE}-changelog": 1})
+        out.update({self.alerts: 1, self.outbox_changelog: 1})
+        ingest = self.ingest_app_id  # the tables of ingest-only workers
+        out.update({f"{ingest}-{OUTBOX_TABLE}-changelog": 1, f"{ingest}-{PENDING_TABLE}-changelog": p})
+        for group in self.topology.trainer_groups():  # the tables of each own_trainer task's workers
+            if group:
+                app = self.faust_app_id(f"task:{group}")
+                out.update({f"{app}-{PENDING_TABLE}-changelog": p, f"{app}-{OUTBOX_TABLE}-changelog": 1})
         for t in self.topology.tasks:
             out[self.task(t.name)] = p
         return out

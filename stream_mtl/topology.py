@@ -218,6 +218,9 @@ class TaskSpec(_Frozen):
     augment: list[Augment] = Field(default_factory=list)
     lr_scale: float = Field(default=1.0, gt=0, description="multiplies the model lr for this task's head")
     drift: DriftSpec = Field(default_factory=DriftSpec)
+    #: trained by workers of its own (``--role task:NAME``), in a model of its own (trunk + this head): a heavy or
+    #: slow task then neither slows the shared model's steps nor waits for them; no dependencies across models
+    own_trainer: bool = False
 
     @field_serializer("loss")
     def _loss_name(self, v: str | Callable[..., Any] | None) -> str | None:
@@ -354,6 +357,27 @@ class Topology(_Frozen):
                 return t
         raise KeyError(name)
 
+    def trainer_groups(self) -> dict[str, list[str]]:
+        """Which model trains which tasks: ``""`` (the shared model) and one group per ``own_trainer`` task.
+
+        >>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
+        >>> topo = Topology(name="g", schema=EventSchema(fields={"x": "float", "a": "bool", "b": "bool"}),
+        ...                 features=[FeatureSpec(name="n", inputs=["x"])],
+        ...                 tasks=[TaskSpec(name="a", kind="binary", label="a"),
+        ...                        TaskSpec(name="b", kind="binary", label="b", own_trainer=True)])
+        >>> topo.trainer_groups()
+        {'': ['a'], 'b': ['b']}
+        """
+        groups: dict[str, list[str]] = {}
+        for task in self.tasks:
+            groups.setdefault(task.name if task.own_trainer else "", []).append(task.name)
+        return groups
+
+    def restricted_to(self, tasks: list[str]) -> Topology:
+        """The same topology training only ``tasks`` (what one trainer group's model holds)."""
+        keep = set(tasks)
+        return self.model_copy(update={"tasks": [t for t in self.tasks if t.name in keep]})
+
     def task_order(self) -> list[str]:
         """Task names ordered so that every task comes after the tasks it depends on."""
         return _topological_order(self.tasks)
@@ -470,6 +494,11 @@ def _validate(t: Topology) -> None:
                 raise TopologyError(f"tasks[{i}].depends_on[{j}]: unknown task {dep!r}")
             if dep == task.name:
                 raise TopologyError(f"tasks[{i}].depends_on[{j}]: task {dep!r} depends on itself")
+            if task.own_trainer or t.task(dep).own_trainer:
+                raise TopologyError(
+                    f"tasks[{i}].depends_on[{j}]: {task.name!r} and {dep!r} would be in different models "
+                    "(an own_trainer task trains alone: it has no dependencies and nothing depends on it)"
+                )
     _topological_order(t.tasks)
     if not t.features:
         raise TopologyError("features: a topology needs at least one feature")

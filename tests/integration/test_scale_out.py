@@ -133,3 +133,48 @@ def test_ingest_and_trainer_roles_split_the_work(broker, start_worker) -> None:
     assert sum(by_role["ingest"]["predicted"].values()) == 0 and by_role["ingest"]["trainer_pid"] is None
     assert by_role["trainer"]["events"] == 0 and by_role["trainer"]["steps"] > 0
     assert ingest.stop() == 0 and trainer.stop() == 0
+
+
+def test_an_own_trainer_task_gets_its_own_worker(broker, start_worker) -> None:
+    """``r0`` (own_trainer) is trained by a ``--role task:r0`` worker; y0–y2 by the shared model's trainer."""
+    path = str(Path(__file__).parent / "topologies" / "own_trainer")
+    topo = load_topology(path)
+    names = TopicNames(topo, f"own{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    items = list(SyntheticStream.default().events(8_000))
+    want = _expected(topo, items)
+    workers = [
+        start_worker(path, app_id=names.app_id, args=("--role", role)) for role in ("ingest", "trainer", "task:r0")
+    ]
+    asyncio.run(produce_events(broker.bootstrap, names, items))
+    counts = _predicted(broker.bootstrap, names, want, lambda: all(w.alive() for w in workers))
+    assert set(counts) == want
+    snaps = _snapshots(broker.bootstrap, names, lambda s: {x["role"] for x in s.values()} >= {"trainer", "task:r0"})
+    by_role = {s["role"]: s for s in snaps.values()}
+    shared, own = by_role["trainer"], by_role["task:r0"]
+    assert set(shared["tasks"]) == {"y0", "y1", "y2"} and set(own["tasks"]) == {"r0"}  # two models
+    assert shared["predicted"]["r0"] == 0 and own["predicted"]["r0"] == 8_000
+    assert own["steps"] > 0 and shared["steps"] > 0
+    assert all(w.stop() == 0 for w in workers)
+
+
+def test_a_slow_task_in_its_own_trainer_does_not_hold_back_the_others(broker, start_worker) -> None:
+    """``r0``'s steps take 100 ms (~1.3k rows/s); the shared model's tasks are done long before it."""
+    path = str(Path(__file__).parent / "topologies" / "slow_own")
+    topo = load_topology(path)
+    names = TopicNames(topo, f"slow{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    n = 60_000
+    items = list(SyntheticStream.default().events(n))
+    want = {pair for pair in _expected(topo, items) if pair[1] != "r0"}
+    workers = [start_worker(path, app_id=names.app_id, args=("--role", role)) for role in ("all", "task:r0")]
+    asyncio.run(produce_events(broker.bootstrap, names, items))
+    _predicted(broker.bootstrap, names, want, lambda: all(w.alive() for w in workers))
+    # when y0–y2 are done, the slow task is still far behind: it did not hold them back
+    snaps = _snapshots(broker.bootstrap, names, lambda s: {x["role"] for x in s.values()} >= {"all", "task:r0"})
+    slow = next(s for s in snaps.values() if s["role"] == "task:r0")
+    learned = slow["examples_learned"]
+    labelled = sum(1 for e in items if e.get("r0") is not None)
+    labelled += sum(1 for e in items if "_label" in e and e["_label"]["task"] == "r0")
+    print(f"slow task: the shared model finished {len(want)} predictions; r0 had learned {learned} of {labelled}")
+    assert learned < labelled // 2
