@@ -1,4 +1,4 @@
-"""The ``stream-mtl`` command: worker, produce, demo, broker, webhook-receiver."""
+"""The ``stream-mtl`` command: worker, produce, demo, broker, report, webhook-receiver, check."""
 
 from __future__ import annotations
 
@@ -174,6 +174,21 @@ def broker(port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: a free 
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+@app.command()
+def check(
+    path: Annotated[str, typer.Argument(help="topology name (topologies/<name>), folder or file")],
+    events: Annotated[int, typer.Option(help="sample size: the first N events of its producer (else synthetic)")] = 300,
+    seed: Annotated[int, typer.Option(help="seed of the model and of synthetic events")] = 0,
+) -> None:
+    """Validate a topology, run every task's checks and the shared-trunk diagnostics on sample data."""
+    import torch
+
+    from stream_mtl.testing import run_check
+
+    torch.set_num_threads(1)  # tiny models: one thread is faster and leaves the machine to others
+    raise typer.Exit(run_check(path, events, seed))
 
 
 def main() -> None:

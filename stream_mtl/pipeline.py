@@ -122,6 +122,25 @@ class IngestStage:
                 batch.partition = recs[0].partition
         return out
 
+    def _dead_letter_failures(self, recs: list[SourceRecord], offsets: list[int], out: IngestOutput) -> None:
+        """Dead letters (stage ``route``) for the events whose task predicate raised; the original bytes."""
+        by_offset = {rec.offset: rec for rec in recs}
+        for i, task, exc in self.router.failures:
+            rec = by_offset[offsets[i]]
+            out.dead.append(
+                DeadLetter(
+                    rec.value,
+                    rec.key,
+                    "route",
+                    type(exc).__name__,
+                    _where_reason(task, exc),
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                )
+            )
+        self.dead += len(self.router.failures)
+
     def _process_labels(self, recs: list[SourceRecord], out: IngestOutput) -> None:
         t0 = time.perf_counter()
         frames, dead = parse_labels(recs, self.topology, self.clock, self.label_validator)
@@ -160,9 +179,15 @@ class IngestStage:
             out.batches.extend(
                 self.router.route(res.events, res.offsets, x, source, f"{topic}:{partition}", res.columns, batch.tokens)
             )
+            if self.router.failures:  # a task's where= raised: the event goes to the DLQ for it, not the stream down
+                self._dead_letter_failures(recs, res.offsets, out)
             self.timings["features"] += t2 - t1
             self.timings["route"] += time.perf_counter() - t2
         self.timings["decode_validate"] += t1 - t0
+
+
+def _where_reason(task: str, exc: Exception) -> str:
+    return f"tasks.{task}.where raised {type(exc).__name__}: {exc}"[:500]
 
 
 def task_frames(

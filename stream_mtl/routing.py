@@ -95,9 +95,20 @@ class Router:
         self.topology = topology
         self.feature_version = topology.feature_version()
         self.text = text or {}
+        #: (event index, task, exception) of the last :meth:`route` call's ``where`` predicates that raised
+        self.failures: list[tuple[int, str, Exception]] = []
         self.by_source = {
             src: [_TaskRoute(t, topology, seed) for t in topology.tasks_of(src)] for src in topology.sources
         }
+
+    def _where(self, where: Any, ev: dict[str, Any], i: int, task: str) -> bool:
+        """A task's ``where`` predicate on one event; one that raises leaves the event out of the task and is
+        recorded in :attr:`failures` (ingest dead-letters the event with the reason; the other tasks keep it)."""
+        try:
+            return bool(where(ev))
+        except Exception as exc:  # the user's code: never a reason to stop the stream
+            self.failures.append((i, task, exc))
+            return False
 
     def route(
         self,
@@ -115,6 +126,7 @@ class Router:
         offset order, so each batch's lineage is the offset range of its first and last row.
         ``columns`` may hold the label columns already read by validation.
         """
+        self.failures = []
         id_field = self.topology.schema.id_field
         ids = [str(ev[id_field]) for ev in events]
         out: list[TaskBatch] = []
@@ -124,7 +136,11 @@ class Router:
             labels = columns[label] if columns and label in columns else [ev.get(label) for ev in events]
             where = task.where
             if where is not None:
-                rows = [i for i, ev in enumerate(events) if where(ev) and (tr.late or labels[i] is not None)]
+                rows = [
+                    i
+                    for i, ev in enumerate(events)
+                    if self._where(where, ev, i, task.name) and (tr.late or labels[i] is not None)
+                ]
             elif tr.late:
                 rows = list(range(len(events)))
             else:

@@ -50,6 +50,7 @@ __all__ = [
     "Topology",
     "TopologyError",
     "load_topology",
+    "load_topology_module",
     "resolve_topology_path",
 ]
 
@@ -596,6 +597,11 @@ def load_topology(ref: str | Path) -> Topology:
     if not isinstance(topo, Topology):
         raise TopologyError(f"{path}: must define `topology = Topology(...)`")
     return topo
+
+
+def load_topology_module(near: str | Path) -> Any:
+    """The module of the ``topology.py`` in the folder of ``near`` (a producer reads what its topology declares)."""
+    return _load_module(Path(near).resolve().with_name("topology.py"), "topology")
 
 
 def load_producer(ref: str | Path):

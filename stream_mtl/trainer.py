@@ -20,6 +20,7 @@ from stream_mtl.augment import Augmenter
 from stream_mtl.balancing import UncertaintyWeighting, make_balancer
 from stream_mtl.batching import AdaptiveSampler, MixedBatch, Reservoir, TaskBuffer, assemble, make_sampler, with_replay
 from stream_mtl.codec import PredictionBatch, TaskBatch
+from stream_mtl.diagnostics import head_movement, head_vectors, trunk_gradients
 from stream_mtl.distributed import Lockstep, ProcessGroup, check_topology
 from stream_mtl.drift import DriftMonitor
 from stream_mtl.evaluation import TaskMetrics, micro_f1
@@ -34,6 +35,9 @@ __all__ = ["Trainer", "default_device"]
 
 #: Distinct label sources counted per task before the rest are counted as "other".
 MAX_LABEL_SOURCES = 32
+#: Steps between two shared-trunk diagnostics (:mod:`stream_mtl.diagnostics`) in the snapshot. One costs a
+#: forward pass and one ``autograd.grad`` per task on the step's batch, so it stays off the hot path.
+DIAGNOSTICS_EVERY = 500
 
 
 def default_device() -> torch.device:
@@ -53,8 +57,13 @@ class Trainer:
         app: str | None = None,
         worker: str = "",
         distributed: ProcessGroup | None = None,
+        diagnostics_every: int = DIAGNOSTICS_EVERY,
     ):
-        """``distributed``: train with the other ranks of this (initialised) process group; default: alone."""
+        """``distributed``: train with the other ranks of this (initialised) process group; default: alone.
+
+        ``diagnostics_every``: steps between shared-trunk diagnostics (``snapshot()["trunk_diagnostics"]``;
+        0: never). Not computed in distributed training (each rank would measure only its own rows).
+        """
         if distributed is not None and distributed.enabled:
             check_topology(topology)
         else:
@@ -115,6 +124,12 @@ class Trainer:
         #: per-task drift detectors on the prequential error stream (alerts collected until drained)
         self.drift = DriftMonitor(topology, app or topology.name, worker, clock)
         self._lr_boosts: dict[str, tuple[dict[str, Any], float, int]] = {}  # group → (group, base lr, steps left)
+        #: called after every optimiser step with the batch composition and the per-task losses (test driver)
+        self.step_listeners: list[Callable[[dict[str, int], dict[str, float]], None]] = []
+        self.diagnostics_every = diagnostics_every if self.lockstep is None else 0
+        #: the last shared-trunk diagnostics (see :mod:`stream_mtl.diagnostics`), ``None`` before the first
+        self.trunk_diagnostics: dict[str, Any] | None = None
+        self._heads_at_diagnostics = head_vectors(self.model) if self.diagnostics_every else {}
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One optimiser group per distinct learning rate: the trunk and the heads at the model lr,
@@ -275,7 +290,21 @@ class Trainer:
         self.examples_learned += int(batch.x.shape[0])
         self.batch_composition = batch.counts
         self.last_losses = {t: float(v.detach()) for t, v in losses.items()}
+        if self.diagnostics_every and self.steps % self.diagnostics_every == 0:
+            self._diagnose(x, y, batch.blocks)
+        for listener in self.step_listeners:
+            listener(self.batch_composition, self.last_losses)
         return self.last_losses
+
+    def _diagnose(self, x: torch.Tensor, y: torch.Tensor, blocks: dict[str, tuple[int, int]]) -> None:
+        """Shared-trunk diagnostics on this step's batch (after the update), and how far each head
+        moved since the last ones; in eval mode, so dropout draws nothing from torch's generator."""
+        if self._mode_matters:
+            self.model.eval()
+        grads = trunk_gradients(self.model, x, y, blocks, self.task_weights)
+        moved = head_movement(self._heads_at_diagnostics, self.model)
+        self._heads_at_diagnostics = head_vectors(self.model)
+        self.trunk_diagnostics = {"step": self.steps, **grads.to_json(), "head_movement": moved}
 
     def idle_step(self) -> None:
         """This rank's part of a collective step it has no rows for: a zero-gradient backward through DDP,
@@ -451,4 +480,5 @@ class Trainer:
                 t: {"alerts": n, "lr_boosted": f"head.{t}" in self._lr_boosts} for t, n in self.drift.count.items()
             },
             "lineage": {"offsets": self.lineage, "feature_versions": sorted(self.feature_versions)},
+            "trunk_diagnostics": self.trunk_diagnostics,
         }

@@ -272,8 +272,8 @@ class TrainerSession:
 
         An examples frame is predicted (before anything learns from it) and buffered; the buffers
         are trained on when its round (every task frame of one ingest poll) is complete, or when
-        they are half full. A labels frame is joined
-        to the pending examples. Returns per frame ``(task, predictions message, rows, scores)`` or
+        they are half full. A labels frame is joined to the pending examples (and counts towards its
+        round like the others). Returns per frame ``(task, predictions message, rows, scores)`` or
         ``(task, expired labels)``, the pending-table changes of them all, and the alerts raised
         (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
         """
@@ -285,17 +285,19 @@ class TrainerSession:
             batch = decode_batch(frame)
             if batch.kind == "labels":
                 out.append((batch.task, [(e.id, e.to_json()) for e in tr.observe_labels(batch)]))
-                continue
-            preds = tr.observe(batch)
+            else:
+                preds = tr.observe(batch)
+                scores = np.asarray(preds.scores, dtype=np.float32)
+                if scores.ndim == 2:  # multiclass / multilabel: the top probability
+                    scores = scores.max(axis=1)
+                out.append((batch.task, preds.to_json(), len(preds), scores.tobytes()))
+            # a labels frame counts towards its round too (the round's size counts it): a poll that carried
+            # late labels would otherwise never complete, and nothing trained until a buffer was half full
             if self._round_complete(batch.round, batch.round_size) or tr.pending() >= self.topology.buffer_size // 2:
                 if self.group is None:
                     tr.train()
                 else:
                     self._wake.set()  # the lockstep thread trains, with the other ranks
-            scores = np.asarray(preds.scores, dtype=np.float32)
-            if scores.ndim == 2:  # multiclass / multilabel: the top probability
-                scores = scores.max(axis=1)
-            out.append((batch.task, preds.to_json(), len(preds), scores.tobytes()))
         alerts = self._feedback(tr.drift.drain())
         return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
 

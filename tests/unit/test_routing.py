@@ -110,3 +110,36 @@ def test_text_augmentation_changes_training_copies_only() -> None:
     assert a.observe(pos).scores == plain.observe(pos_plain).scores
     learned, _ = a.buffers["positive"].pop(2)
     np.testing.assert_array_equal(learned, pos.x_train)  # what is learned is the augmented copy
+
+
+def _picky(ev: dict) -> bool:
+    if ev["x"] < 0:
+        raise ValueError("negative x")
+    return True
+
+
+def test_a_raising_where_predicate_dead_letters_the_event_and_the_stream_goes_on() -> None:
+    topo = Topology(
+        name="w",
+        schema=EventSchema(fields={"x": "float", "a": "bool", "b": "bool"}),
+        features=[FeatureSpec(name="n", inputs=["x"])],
+        tasks=[
+            TaskSpec(name="a", kind="binary", label="a", where=_picky),
+            TaskSpec(name="b", kind="binary", label="b"),
+        ],
+    )
+
+    class Rec:
+        def __init__(self, offset: int, ev: dict):
+            self.topic, self.partition, self.offset, self.key = "w.events", 0, offset, str(ev["id"]).encode()
+            self.value = orjson.dumps(ev)
+
+    recs = [Rec(i, {"id": f"e{i}", "x": float(x), "a": True, "b": False}) for i, x in enumerate([1, -2, 3, -4, 5])]
+    out = IngestStage(topo).process({0: recs})
+    by_task = {b.task: b.ids for b in out.batches}
+    assert by_task == {"a": ["e0", "e2", "e4"], "b": ["e0", "e1", "e2", "e3", "e4"]}  # b keeps every event
+    assert [(d.stage, d.error_class, d.offset, d.value) for d in out.dead] == [
+        ("route", "ValueError", 1, recs[1].value),
+        ("route", "ValueError", 3, recs[3].value),
+    ]
+    assert out.dead[0].reason == "tasks.a.where raised ValueError: negative x"

@@ -4,7 +4,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from topologies.drift.topology import STREAM
+from stream_mtl.topology import load_topology_module
+
+# the stream the topology next to this file declares (loaded by path: the repository root need not be importable)
+STREAM = load_topology_module(__file__).STREAM
 
 
 def events() -> Iterator[dict[str, Any]]:
