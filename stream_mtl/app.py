@@ -88,6 +88,9 @@ class Pipeline:
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
+        self._poll_lock = asyncio.Lock()
+        #: the send futures of polls not yet settled (acknowledged and committed), oldest first
+        self._unacked: list[list[Any]] = []
         #: some task takes late labels (the labels topic is read, pending examples are swept)
         self.late = any(t.label_ttl_s is not None for t in topology.tasks)
         self.predicted: dict[str, int] = {t.name: 0 for t in topology.tasks}
@@ -388,19 +391,26 @@ class Pipeline:
         rebuilt from scratch: what this worker held of it before a rebalance may be stale.
         """
         sources = [(t, p) for t, p in assigned if t in self.names.sources]
-        self.ingest.drop_partitions_except(sources)
-        if not sources:
-            return
-        bases = tuple(b for t, p in sources for b in self.ingest.reset_partition(t, p))
-        prefixes = tuple(b + ":" for b in bases)
-        latest = await read_latest(
-            self.settings.bootstrap,
-            self.names.feature_changelog,
-            lambda key: key in bases or key.startswith(prefixes),
-        )
-        items = [(k, orjson.loads(v)) for k, v in latest.items() if v is not None]
-        loaded = sum(self.ingest.load_state(t, p, items) for t, p in sources)
-        log.info("ingest.features_restored", partitions=len(sources), keys=loaded)
+        # No poll is featurised while the state is being replaced (the ingest loop takes this lock per poll): a
+        # poll processed during the read used a half-restored state and was then overwritten, one poll short.
+        async with self._poll_lock:
+            # The changelog must hold every poll already featurised before it is read back: a poll whose table
+            # writes were still in flight would be restored without them, and if its offsets were then committed
+            # (the partition stayed here) its events would never be counted.
+            await asyncio.gather(*[f for fs in self._unacked for f in fs], return_exceptions=True)
+            self.ingest.drop_partitions_except(sources)
+            if not sources:
+                return
+            bases = tuple(b for t, p in sources for b in self.ingest.reset_partition(t, p))
+            prefixes = tuple(b + ":" for b in bases)
+            latest = await read_latest(
+                self.settings.bootstrap,
+                self.names.feature_changelog,
+                lambda key: key in bases or key.startswith(prefixes),
+            )
+            items = [(k, orjson.loads(v)) for k, v in latest.items() if v is not None]
+            loaded = sum(self.ingest.load_state(t, p, items) for t, p in sources)
+        log.info("ingest.features_restored", partitions=len(sources), keys=loaded, counts=self.ingest.feature_counts())
 
     async def stop_ingest(self) -> None:
         consumer = getattr(self, "_consumer", None)
@@ -430,7 +440,9 @@ class Pipeline:
                 if self.first_event_at is None:
                     self.first_event_at = self.last_event_at
                 seq += 1
-                futures = await self._ingest_batch(data, seq)
+                async with self._poll_lock:  # a rebalance's state restore waits for a poll to be sent whole
+                    futures = await self._ingest_batch(data, seq)
+                    self._unacked.append(futures)
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in data.items()}
                 if in_flight:
                     await self._settle(*in_flight)
@@ -493,6 +505,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if futures:
             await asyncio.gather(*futures)
+        self._unacked = [fs for fs in self._unacked if fs is not futures]
         try:
             await self._consumer.commit(offsets)
         except CommitFailedError as exc:

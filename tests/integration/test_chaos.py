@@ -99,7 +99,14 @@ def test_ten_random_sigkills_lose_nothing(broker, start_worker) -> None:
             stamps.append((r.timestamp, len(rows)))
         return expected <= counts.keys()
 
-    asyncio.run(read_topic(broker.bootstrap, names.predictions, complete, 240, worker.alive))
+    try:
+        asyncio.run(read_topic(broker.bootstrap, names.predictions, complete, 150, worker.alive))
+    except TimeoutError as exc:  # say where the stream stands
+        snaps = asyncio.run(read_topic(broker.bootstrap, names.metrics, lambda rs: bool(rs), 10))
+        last = orjson.loads(snaps[-1].value)
+        missing = Counter(task for _, task in expected - counts.keys())
+        where = {k: last.get(k) for k in ("events", "predicted", "lag", "steps")}
+        raise AssertionError(f"missing predictions per task {dict(missing)}; last snapshot {where}") from exc
     assert set(counts) == expected
     dead = asyncio.run(
         read_topic(broker.bootstrap, names.dlq, lambda rs: _distinct_dead(rs) >= sent["malformed"], 60, worker.alive)
