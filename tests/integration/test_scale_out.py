@@ -153,7 +153,8 @@ def test_an_own_trainer_task_gets_its_own_worker(broker, start_worker) -> None:
     by_role = {s["role"]: s for s in snaps.values()}
     shared, own = by_role["trainer"], by_role["task:r0"]
     assert set(shared["tasks"]) == {"y0", "y1", "y2"} and set(own["tasks"]) == {"r0"}  # two models
-    assert shared["predicted"]["r0"] == 0 and own["predicted"]["r0"] == 8_000
+    # r0 only by its own trainer (at least once each: a fresh group's first rebalance may re-read a little)
+    assert shared["predicted"]["r0"] == 0 and own["predicted"]["r0"] >= 8_000
     assert own["steps"] > 0 and shared["steps"] > 0
     assert all(w.stop() == 0 for w in workers)
 
