@@ -45,3 +45,16 @@ async def read_topic(
         return records
     finally:
         await consumer.stop()
+
+
+def expected_predictions(topology: Any, items: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(event id, task) of every prediction a stream must produce: each event for each task it is labelled for,
+    and every event for a task with late labels (predicted on arrival). ``items`` may hold late-label items."""
+    return {
+        (ev["id"], t.name)
+        for ev in items
+        if "_label" not in ev
+        for t in topology.tasks
+        if ev.get(t.label) is not None or t.label_ttl_s is not None
+    }
+

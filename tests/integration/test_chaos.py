@@ -32,7 +32,7 @@ from stream_mtl.settings import Settings
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import Topology, load_topology
-from tests.integration.kafka_helpers import read_topic
+from tests.integration.kafka_helpers import expected_predictions, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,7 @@ def test_ten_random_sigkills_lose_nothing(broker, start_worker) -> None:
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     items = list(SyntheticStream.default().events(N))
     events = [e for e in items if "_label" not in e]
-    expected = {
-        (ev["id"], t.name)
-        for ev in events
-        for t in topo.tasks
-        if ev.get(t.label) is not None or t.label_ttl_s is not None
-    }
+    expected = expected_predictions(topo, events)
 
     # the producer sends a chunk at a time until the kills are done, then the rest
     kills_done = threading.Event()

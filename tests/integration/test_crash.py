@@ -21,7 +21,7 @@ from stream_mtl.produce import produce_events
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_topology
-from tests.integration.kafka_helpers import read_topic
+from tests.integration.kafka_helpers import expected_predictions, read_topic
 
 pytestmark = pytest.mark.integration
 N = 60_000
@@ -39,12 +39,7 @@ def test_sigkill_mid_stream_loses_nothing(broker, start_worker) -> None:
     assert report.labels > 0
     events = [e for e in items if "_label" not in e]
     # labelled events of every task, and every event for a task with late labels (predicted on arrival)
-    expected = {
-        (ev["id"], t.name)
-        for ev in events
-        for t in topo.tasks
-        if ev.get(t.label) is not None or t.label_ttl_s is not None
-    }
+    expected = expected_predictions(topo, events)
     want = len(expected)
 
     first = start_worker("synthetic", app_id=names.app_id)

@@ -19,7 +19,7 @@ from stream_mtl.produce import produce_events
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_topology
-from tests.integration.kafka_helpers import read_topic
+from tests.integration.kafka_helpers import expected_predictions, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +43,7 @@ def test_two_ddp_trainers_share_the_partitions_and_end_identical(broker, start_w
     ingest = start_worker(TOPOLOGY, app_id=names.app_id, args=("--role", "ingest"))
     items = list(SyntheticStream.default().events(N))
     asyncio.run(produce_events(broker.bootstrap, names, items))
-    want = {
-        (ev["id"], t.name)
-        for ev in items
-        if "_label" not in ev
-        for t in topo.tasks
-        if ev.get(t.label) is not None or t.label_ttl_s is not None
-    }
+    want = expected_predictions(topo, items)
 
     def alive() -> bool:
         return ingest.alive() and all(t.alive() for t in trainers)

@@ -22,8 +22,8 @@ from stream_mtl.codec import PredictionBatch
 from stream_mtl.produce import produce_events
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
-from stream_mtl.topology import Topology, load_topology
-from tests.integration.kafka_helpers import read_topic
+from stream_mtl.topology import load_topology
+from tests.integration.kafka_helpers import expected_predictions, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,6 @@ N = 30_000
 CHUNK = 1_000
 #: three workers (six processes with their trainers) on two cores: a 2 s session lets a starved member drop out
 SESSION = ("--session-timeout", "6")
-
-
-def _expected(topo: Topology, items: list[dict]) -> set[tuple[str, str]]:
-    return {
-        (ev["id"], t.name)
-        for ev in items
-        if "_label" not in ev
-        for t in topo.tasks
-        if ev.get(t.label) is not None or t.label_ttl_s is not None
-    }
 
 
 def _predicted(bootstrap: str, names: TopicNames, want: set, alive, timeout: float = 180) -> Counter:
@@ -83,7 +73,7 @@ def test_workers_join_and_leave_mid_stream_and_nothing_is_lost(broker, start_wor
     names = TopicNames(topo, f"scale{uuid.uuid4().hex[:6]}")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     items = list(SyntheticStream.default().events(N))
-    want = _expected(topo, items)
+    want = expected_predictions(topo, items)
     done = threading.Event()
 
     def produce() -> None:
@@ -121,7 +111,7 @@ def test_ingest_and_trainer_roles_split_the_work(broker, start_worker) -> None:
     names = TopicNames(topo, f"roles{uuid.uuid4().hex[:6]}")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     items = list(SyntheticStream.default().events(10_000))
-    want = _expected(topo, items)
+    want = expected_predictions(topo, items)
     ingest = start_worker(TOPOLOGY, app_id=names.app_id, args=("--role", "ingest"))
     trainer = start_worker(TOPOLOGY, app_id=names.app_id, args=("--role", "trainer"))
     asyncio.run(produce_events(broker.bootstrap, names, items, malformed=3))
@@ -142,7 +132,7 @@ def test_an_own_trainer_task_gets_its_own_worker(broker, start_worker) -> None:
     names = TopicNames(topo, f"own{uuid.uuid4().hex[:6]}")
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     items = list(SyntheticStream.default().events(8_000))
-    want = _expected(topo, items)
+    want = expected_predictions(topo, items)
     workers = [
         start_worker(path, app_id=names.app_id, args=("--role", role)) for role in ("ingest", "trainer", "task:r0")
     ]
@@ -167,7 +157,7 @@ def test_a_slow_task_in_its_own_trainer_does_not_hold_back_the_others(broker, st
     asyncio.run(create_topics(broker.bootstrap, names.all()))
     n = 60_000
     items = list(SyntheticStream.default().events(n))
-    want = {pair for pair in _expected(topo, items) if pair[1] != "r0"}
+    want = {pair for pair in expected_predictions(topo, items) if pair[1] != "r0"}
     workers = [start_worker(path, app_id=names.app_id, args=("--role", role)) for role in ("all", "task:r0")]
     asyncio.run(produce_events(broker.bootstrap, names, items))
     _predicted(broker.bootstrap, names, want, lambda: all(w.alive() for w in workers))
