@@ -25,6 +25,7 @@ Commit order in the ingest service, per polled batch (at-least-once):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -46,7 +47,7 @@ from stream_mtl.changelog import read_latest
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
-from stream_mtl.faust_compat import keep_subscribed, seek_uncommitted_to_start, set_fetch_max_wait
+from stream_mtl.faust_compat import keep_subscribed, seek_on_assignment, set_fetch_max_wait
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage, task_frames
@@ -320,12 +321,26 @@ class Pipeline:
             async for event in stream.noack().events():
                 batch.append(event)
                 if len(batch) >= TAKE_FRAMES or queue.empty():
-                    await self.on_task_batches([e.value for e in batch])
+                    positions = [(e.message.topic, e.message.partition, e.message.offset) for e in batch]
+                    await self.on_task_batches([e.value for e in batch], positions)
                     for e in batch:
                         await stream.ack(e)
                     batch.clear()
 
-        seek_uncommitted_to_start(app, train_in.topics)
+        async def resume_offsets() -> dict[str, int]:
+            try:
+                return await self.trainer.call("take_resume_offsets")
+            except TrainerError:  # the trainer is gone: the agent's first call crashes the worker
+                return {}
+
+        seek_on_assignment(app, train_in.topics, resume_offsets)
+
+        @app.on_partitions_revoked.connect
+        async def forget_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+            mine = [(tp.topic, tp.partition) for tp in revoked if tp.topic in train_in.topics]
+            if mine and not self.trainer.closed:
+                with contextlib.suppress(TrainerError):  # the trainer is gone: nothing to forget
+                    await self.trainer.call("forget_partitions", mine)
 
         @app.task
         async def subscription_guard() -> None:
@@ -515,7 +530,7 @@ class Pipeline:
         self.timings["ingest_commit"] += time.perf_counter() - t0
 
     # -- trainer ---------------------------------------------------------------------------------
-    async def on_task_batches(self, values: list[bytes]) -> None:
+    async def on_task_batches(self, values: list[bytes], positions: list[tuple[str, int, int]] | None = None) -> None:
         """Predict, emit predictions, buffer; train once a round of task batches is complete.
 
         ``values`` are the task frames Faust had ready, in order, handed to the trainer process in
@@ -532,7 +547,7 @@ class Pipeline:
                 rows = await self.trainer.call("restore_pending", items)
                 log.info("labels.pending_restored", rows=rows)
         try:
-            outputs, changes, alerts = await self.trainer.call("process", list(values))
+            outputs, changes, alerts = await self.trainer.call("process", list(values), positions)
         except TrainerError as exc:
             # without its trainer the worker must not run on (ingest would keep committing): crash it, so that
             # its supervisor restarts it; these frames are not acknowledged and are read again

@@ -119,6 +119,13 @@ class TrainerSession:
         self._tasks = [t.name for t in topology.tasks]
         #: why the lockstep ended (a rank left, a collective failed); ``None`` while it runs
         self.lockstep_ended: str | None = None
+        #: per task-topic partition ("topic:partition"): the offset after the last frame processed …
+        self._read: dict[str, int] = {}
+        #: … and after the last frame whose rows are all in the weights (buffers drained): what a checkpoint
+        #: records as the offsets to re-read from, so a restart learns again what the checkpoint lacks
+        self.learned_upto: dict[str, int] = {}
+        #: the resumed checkpoint's ``learned_upto``, until the worker's first assignment takes it
+        self._resume_offsets: dict[str, int] = {}
         if self.group is None:
             self.checkpointed_step = self._resume()
             return
@@ -141,7 +148,13 @@ class TrainerSession:
             return -1
         tensors, manifest = loaded
         self.trainer.restore(tensors, manifest)
-        log.info("checkpoint.resumed", step=self.trainer.steps, dir=str(self.checkpoints.dir))
+        self._resume_offsets = {str(k): int(v) for k, v in manifest.get("task_offsets", {}).items()}
+        log.info(
+            "checkpoint.resumed",
+            step=self.trainer.steps,
+            dir=str(self.checkpoints.dir),
+            partitions=len(self._resume_offsets),
+        )
         return self.trainer.steps
 
     # -- distributed ---------------------------------------------------------------------------------
@@ -267,8 +280,10 @@ class TrainerSession:
         )
         return {"steps": tr.steps, "pending": tr.pending(), "labels_settled": settled, "device": str(tr.device)}
 
-    def process(self, frames: list[bytes]) -> tuple[list[Output], dict[str, bytes | None], list[bytes]]:
-        """Task frames in the order they were read.
+    def process(
+        self, frames: list[bytes], positions: list[tuple[str, int, int]] | None = None
+    ) -> tuple[list[Output], dict[str, bytes | None], list[bytes]]:
+        """Task frames in the order they were read; ``positions``: each frame's (topic, partition, offset).
 
         An examples frame is predicted (before anything learns from it) and buffered; the buffers
         are trained on when its round (every task frame of one ingest poll) is complete, or when
@@ -276,12 +291,17 @@ class TrainerSession:
         round like the others). Returns per frame ``(task, predictions message, rows, scores)`` or
         ``(task, expired labels)``, the pending-table changes of them all, and the alerts raised
         (drifts and the actions taken on them, JSON records for ``<app>.alerts``).
+
+        The positions tell a checkpoint where to resume (:attr:`learned_upto`); without them it records none.
         """
         tr = self.trainer
         if self.group is not None:
             self._check_lockstep()
         out: list[Output] = []
-        for frame in frames:
+        for i, frame in enumerate(frames):
+            if positions is not None:
+                topic, partition, offset = positions[i]
+                self._read[f"{topic}:{partition}"] = offset + 1
             batch = decode_batch(frame)
             if batch.kind == "labels":
                 out.append((batch.task, [(e.id, e.to_json()) for e in tr.observe_labels(batch)]))
@@ -298,6 +318,8 @@ class TrainerSession:
                     tr.train()
                 else:
                     self._wake.set()  # the lockstep thread trains, with the other ranks
+            if self.group is None and tr.pending() == 0:
+                self.learned_upto.update(self._read)  # every row read so far is in the weights
         alerts = self._feedback(tr.drift.drain())
         return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
 
@@ -373,7 +395,25 @@ class TrainerSession:
             self._check_lockstep()
             self._wake.set()
             return 0
-        return self.trainer.train()
+        steps = self.trainer.train()
+        self.learned_upto.update(self._read)
+        return steps
+
+    def take_resume_offsets(self) -> dict[str, int]:
+        """Once: the offsets the resumed checkpoint learned up to, per "topic:partition" (then ``{}``).
+
+        The worker rewinds its first assignment to them (:func:`stream_mtl.faust_compat.seek_on_assignment`),
+        so what it learned after that checkpoint is learned again. Distributed, there are none: rank 0's
+        checkpoint knows only rank 0's partitions.
+        """
+        offsets, self._resume_offsets = self._resume_offsets, {}
+        return offsets
+
+    def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions revoked from this worker: its checkpoints no longer say where to resume them."""
+        for topic, partition in partitions:
+            self._read.pop(f"{topic}:{partition}", None)
+            self.learned_upto.pop(f"{topic}:{partition}", None)
 
     def restore_pending(self, items: list[tuple[str, bytes]]) -> int:
         """Rebuild the pending-label store from the ``pending`` table (after a restart)."""
@@ -384,7 +424,10 @@ class TrainerSession:
         tr = self.trainer
         if tr.steps == self.checkpointed_step or (self.group is not None and self.group.rank != 0):
             return None  # distributed: rank 0 writes, for every rank
-        path = self.checkpoints.save(tr.state_tensors(), tr.state_json())
+        state = tr.state_json()
+        if self.group is None:
+            state["task_offsets"] = dict(self.learned_upto)
+        path = self.checkpoints.save(tr.state_tensors(), state)
         self.checkpointed_step = tr.steps
         log.info("checkpoint.saved", step=tr.steps, file=path.name)
         return path.name

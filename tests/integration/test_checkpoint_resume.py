@@ -1,19 +1,23 @@
-"""A worker checkpoints on SIGTERM and a restarted worker resumes the model from it."""
+"""Checkpoints and restarts: SIGTERM checkpoints and the restart resumes the model; SIGKILL after a checkpoint
+rewinds the task topics to the offsets that checkpoint learned up to."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+import time
 
 import orjson
 import pytest
 
 from stream_mtl.checkpoint import CheckpointStore
+from stream_mtl.codec import PredictionBatch
 from stream_mtl.produce import produce_events
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_topology
-from tests.integration.kafka_helpers import read_topic
+from tests.integration.kafka_helpers import expected_predictions, read_frames, read_topic
 
 pytestmark = pytest.mark.integration
 N = 6000
@@ -49,3 +53,86 @@ def test_sigterm_checkpoints_and_a_restart_resumes(broker, start_worker, tmp_pat
     assert mine[0]["checkpointed_step"] == manifest["step"]  # loaded at start …
     assert mine[0]["steps"] >= manifest["step"]  # … so the model continues, not restarts from step 0
     assert mine[0]["model_version"].endswith(f"-{mine[0]['steps']}")
+
+
+def _committed(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
+    """The consumer group's committed offset of each task-topic partition ("topic:partition")."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> dict[str, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            out = {}
+            for topic in topics:
+                for p in consumer.partitions_for_topic(topic) or ():
+                    offset = await consumer.committed(TopicPartition(topic, p))
+                    if offset is not None:
+                        out[f"{topic}:{p}"] = offset
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def test_a_killed_trainer_learns_again_from_its_checkpoint_offsets(broker, start_worker, tmp_path) -> None:
+    """SIGKILL after a checkpoint: the restart rewinds the task topics to the checkpoint's offsets.
+
+    Faust commits what was predicted and buffered; the checkpoint holds only what was learned. What the dead
+    worker learned after its last checkpoint is lost with it, so the restarted trainer must read it again.
+    """
+    topo = load_topology("synthetic")
+    names = TopicNames(topo, "rewind")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    items = list(SyntheticStream.default().events(80_000))
+    expected = expected_predictions(topo, items)
+    asyncio.run(produce_events(broker.bootstrap, names, items[:10_000]))
+
+    def paced() -> None:  # the rest at ~4k events/s while the worker runs (~17 s)
+        for i in range(10_000, len(items), 1_000):
+            asyncio.run(produce_events(broker.bootstrap, names, items[i : i + 1_000]))
+            time.sleep(0.25)
+
+    producer = threading.Thread(target=paced)
+    producer.start()
+    env = {"STREAM_MTL_CHECKPOINT_INTERVAL": "3", "STREAM_MTL_COMMIT_INTERVAL": "0.3"}
+    first = start_worker("synthetic", app_id=names.app_id, env=env)
+    store = CheckpointStore(tmp_path / "data" / names.app_id / "checkpoints", topo.spec_hash())
+    # kill it ~1.5 s after a checkpoint: it has learned (and committed) past it, the next one is not due yet
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and first.alive():
+        newest = store.manifests()[:1]
+        if newest and 1.2 < time.time() - newest[0].stat().st_mtime < 2.0:
+            break
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    producer.join(60)
+    loaded = store.load_latest()
+    assert loaded is not None, first.log()[-3000:]
+    ckpt = loaded[1]["task_offsets"]
+    task_topics = [names.task(t.name) for t in topo.tasks]
+    committed = _committed(broker.bootstrap, names.faust_app_id("all"), task_topics)
+    behind = {tp: committed[tp] - off for tp, off in ckpt.items() if committed.get(tp, 0) > off}
+    assert behind, f"nothing was committed past the checkpoint ({ckpt} vs {committed}): the kill came too early"
+
+    second_started_ms = time.time() * 1000
+    second = start_worker("synthetic", app_id=names.app_id, env=env)
+
+    def pairs(rs: list) -> set[tuple[str, str]]:
+        return {(row["id"], row["task"]) for r in rs for row in PredictionBatch.from_json(r.value).rows()}
+
+    recs = asyncio.run(
+        read_topic(broker.bootstrap, names.predictions, lambda rs: pairs(rs) >= expected, 150, second.alive)
+    )
+    again = pairs([r for r in recs if r.timestamp >= second_started_ms])
+    # every example frame between the checkpoint's offset and the commit was read and predicted again
+    frames = asyncio.run(read_frames(broker.bootstrap, {tp: (ckpt[tp], committed[tp]) for tp in behind}))
+    replayed = {(i, b.task) for b in frames if b.kind == "examples" for i in b.ids}
+    assert replayed and replayed <= again, (len(replayed), len(replayed - again))
+    assert "faust.resume_from_checkpoint" in second.log()
+    # duplicates are bounded by what the killed worker had done
+    total_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs)
+    first_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs if r.timestamp < second_started_ms)
+    assert len(expected) <= total_rows <= len(expected) + first_rows

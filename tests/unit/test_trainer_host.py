@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from stream_mtl.checkpoint import CheckpointStore
@@ -47,6 +48,34 @@ def test_process_and_thread_give_the_same_predictions(tmp_path, process: bool) -
     with pytest.raises(TrainerError, match="closed"):
         host.call_sync("snapshot")
     host.close()  # idempotent
+
+
+def test_a_checkpoint_records_where_to_resume_and_a_new_session_takes_it_once(tmp_path) -> None:
+    """The manifest's task offsets cover only frames whose rows are in the weights, not those still buffered."""
+    store = CheckpointStore(tmp_path, TOPO.spec_hash())
+    session = TrainerSession(TOPO, store)
+    x = np.zeros((3, 4), dtype=np.float32)
+    first = [
+        encode_batch(TaskBatch(t, [f"{t}{i}" for i in range(3)], x, [1.0] * 3, round="a", round_size=2))
+        for t in ("y0", "y1")
+    ]
+    session.process(first, [("host.y0", 0, 40), ("host.y1", 1, 7)])  # round complete: learned
+    assert session.trainer.pending() == 0 and session.learned_upto == {"host.y0:0": 41, "host.y1:1": 8}
+    # half a round: predicted and buffered, not yet learned
+    half = encode_batch(TaskBatch("y0", ["late"], x[:1], [1.0], round="b", round_size=2))
+    session.process([half], [("host.y0", 0, 41)])
+    assert session.trainer.pending() == 1
+    assert session.learned_upto == {"host.y0:0": 41, "host.y1:1": 8}
+    name = session.checkpoint()
+    assert name is not None
+    assert orjson.loads((tmp_path / name).read_bytes())["task_offsets"] == {"host.y0:0": 41, "host.y1:1": 8}
+    session.forget_partitions([("host.y1", 1)])  # revoked: this worker's checkpoints stop speaking for it
+    assert session.learned_upto == {"host.y0:0": 41}
+
+    resumed = TrainerSession(TOPO, store)
+    assert resumed.trainer.steps == session.trainer.steps
+    assert resumed.take_resume_offsets() == {"host.y0:0": 41, "host.y1:1": 8}
+    assert resumed.take_resume_offsets() == {}  # only the first assignment rewinds
 
 
 def test_an_error_in_the_trainer_comes_back_with_its_traceback(tmp_path) -> None:
