@@ -44,7 +44,6 @@ __all__ = [
     "LossModule",
     "ProcessGroup",
     "check_topology",
-    "environ",
     "init",
     "shutdown",
 ]
@@ -108,33 +107,12 @@ class ProcessGroup(BaseModel):
             sync_interval_s=settings.dist_sync_interval,
         )
 
-    @classmethod
-    def from_env(cls) -> ProcessGroup:
-        """The group the ``STREAM_MTL_DIST_*`` environment variables describe (world size 1 without them)."""
-        from stream_mtl.settings import Settings
-
-        return cls.from_settings(Settings())
-
     def device(self) -> torch.device:
         """This rank's device: its GPU under nccl (``LOCAL_RANK``, else rank modulo the GPUs), else CPU."""
         if self.resolved_backend != "nccl":
             return torch.device("cpu")
         local = int(os.environ.get("LOCAL_RANK", self.rank % max(1, torch.cuda.device_count())))
         return torch.device("cuda", local)
-
-
-def environ(settings: Any) -> dict[str, str]:
-    """The ``STREAM_MTL_DIST_*`` variables of ``settings`` (for a child process that reads its environment)."""
-    env = {
-        "STREAM_MTL_DIST_WORLD_SIZE": str(settings.dist_world_size),
-        "STREAM_MTL_DIST_RANK": str(settings.dist_rank),
-        "STREAM_MTL_DIST_BACKEND": settings.dist_backend,
-        "STREAM_MTL_DIST_TIMEOUT": repr(settings.dist_timeout),
-        "STREAM_MTL_DIST_SYNC_INTERVAL": repr(settings.dist_sync_interval),
-    }
-    if settings.dist_init_method:
-        env["STREAM_MTL_DIST_INIT_METHOD"] = settings.dist_init_method
-    return env
 
 
 def check_topology(topology: Topology) -> None:

@@ -82,8 +82,9 @@ class TrainerError(RuntimeError):
 class TrainerSession:
     """The trainer side of one worker; every method is one call from the agents (through :meth:`call`).
 
-    ``distributed``: the process group to train in (joined here); default: the ``STREAM_MTL_DIST_*``
-    environment variables, alone without them. See the module docstring for the lockstep.
+    ``distributed``: the process group to train in (joined here; the worker passes
+    :meth:`~stream_mtl.distributed.ProcessGroup.from_settings`); default: alone. See the module docstring
+    for the lockstep.
     ``seed``, ``clock`` and ``device`` go to the :class:`~stream_mtl.trainer.Trainer` (the test driver,
     :mod:`stream_mtl.testing`, passes a seed and a clock it controls).
     """
@@ -102,9 +103,8 @@ class TrainerSession:
         self.topology = topology
         self.app = app or topology.name
         self.worker = worker
-        group = distributed if distributed is not None else ProcessGroup.from_env()
         #: the process group this trainer trains one model in (``None``: it trains alone)
-        self.group = group if group.enabled else None
+        self.group = distributed if distributed is not None and distributed.enabled else None
         if self.group is not None:
             check_topology(topology)  # a refused balancer fails now, not after waiting for the other ranks
             join_group(self.group)
