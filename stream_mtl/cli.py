@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from types import UnionType
+from typing import Annotated, Any, Optional, TypeVar, Union, get_args, get_origin
 
 import typer
 
@@ -22,35 +25,63 @@ BrokerOpt = Annotated[
 ]
 
 
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
 def _settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def settings_options(*names: str, **short: str) -> Callable[[_Command], _Command]:
+    """Replace a command's ``**overrides`` with one ``--name`` option per ``Settings`` field in *names*.
+
+    Type, help (the field's description), env var and the default shown all come from the field; *short*
+    adds a short flag (``broker="-b"``). The options default to None, so ``_settings`` drops those not
+    given and ``Settings`` keeps its own default or environment value.
+    """
+
+    def decorate(command: _Command) -> _Command:
+        sig = inspect.signature(command, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        for name in names:
+            field = Settings.model_fields[name]
+            tp = field.annotation
+            if get_origin(tp) in (Union, UnionType):  # X | None: X
+                (tp,) = (arg for arg in get_args(tp) if arg is not type(None))
+            decls = [f"--{name.replace('_', '-')}", *([short[name]] if name in short else [])]
+            default = field.get_default(call_default_factory=True)
+            option = typer.Option(
+                *decls,
+                envvar=Settings.model_config["env_prefix"] + name.upper(),
+                help=field.description,
+                show_default=False if default is None else str(default),
+            )
+            params.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[tp], option]
+                )
+            )
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]  # what typer reads
+        return command
+
+    return decorate
+
+
 @app.command()
-def worker(
-    topology: TopologyOpt,
-    broker: BrokerOpt = None,
-    app_id: Annotated[Optional[str], typer.Option(help="topic/group prefix (default: topology name)")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="write metrics.json here every interval")] = None,
-    session_timeout: Annotated[Optional[float], typer.Option(help="consumer-group session timeout, s")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING …")] = "WARNING",
-    metrics_port: Annotated[
-        Optional[int], typer.Option(envvar="STREAM_MTL_METRICS_PORT", help="serve Prometheus /metrics on this port")
-    ] = None,
-    role: Annotated[
-        Optional[str], typer.Option(envvar="STREAM_MTL_ROLE", help="all (default), ingest or trainer")
-    ] = None,
-    dist_world_size: Annotated[
-        Optional[int],
-        typer.Option(envvar="STREAM_MTL_DIST_WORLD_SIZE", help="trainer workers training one model with DDP"),
-    ] = None,
-    dist_rank: Annotated[
-        Optional[int], typer.Option(envvar="STREAM_MTL_DIST_RANK", help="this worker's rank (0: writes checkpoints)")
-    ] = None,
-    dist_init_method: Annotated[
-        Optional[str], typer.Option(envvar="STREAM_MTL_DIST_INIT_METHOD", help="rank 0's tcp://host:port")
-    ] = None,
-) -> None:
+@settings_options(
+    "broker",
+    "app_id",
+    "run_dir",
+    "session_timeout",
+    "log_level",
+    "metrics_port",
+    "role",
+    "dist_world_size",
+    "dist_rank",
+    "dist_init_method",
+    broker="-b",
+)
+def worker(topology: TopologyOpt, **overrides: object) -> None:
     """Run a long-lived worker of a topology (Ctrl-C / SIGTERM stops it cleanly)."""
     import faust
 
@@ -59,18 +90,7 @@ def worker(
     from stream_mtl.topology import load_topology
 
     topo = load_topology(topology)
-    settings = _settings(
-        broker=broker,
-        app_id=app_id,
-        run_dir=run_dir,
-        session_timeout=session_timeout,
-        log_level=log_level,
-        metrics_port=metrics_port,
-        role=role,
-        dist_world_size=dist_world_size,
-        dist_rank=dist_rank,
-        dist_init_method=dist_init_method,
-    )
+    settings = _settings(**overrides)
     # SIGTERM before Faust installs its own handlers (imports, topics, the trainer process): a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     asyncio.run(create_topics(settings.bootstrap, TopicNames(topo, settings.app_id).all()))

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     app_id: str | None = Field(default=None, description="topic/group prefix; default: the topology name")
     #: Kafka brokers refuse session timeouts below group.min.session.timeout.ms (6 s by default).
     #: The embedded Tansu broker holds a group join for about half of it, so the demo and tests use 2 s.
-    session_timeout: float = Field(default=10.0, gt=0)
+    session_timeout: float = Field(default=10.0, gt=0, description="consumer-group session timeout, s")
     commit_interval: float = Field(default=1.0, gt=0, description="seconds between Faust offset commits")
     metrics_interval: float = Field(default=1.0, gt=0, description="seconds between metric snapshots")
     data_dir: Path = Field(
@@ -62,12 +62,16 @@ class Settings(BaseSettings):
     report_reference: int = Field(default=5000, ge=10, description="rows in the reference window (the first seen)")
     report_current: int = Field(default=1000, ge=10, description="rows in the current window (the last seen)")
     report_keep: int = Field(default=5, ge=1, description="HTML + JSON reports kept")
-    log_level: str = "WARNING"
+    log_level: str = Field(default="WARNING", description="DEBUG, INFO, WARNING …")
     #: what this worker runs: the ingest service (decode, validate, features, route), the trainer (task
     #: topics → predict-then-learn), or both. Ingest workers scale with the source partitions; trainer
     #: workers with the task-topic partitions (each in the app's consumer group).
     #: ``task:NAME`` trains one ``own_trainer`` task in a model of its own (its own consumer group and checkpoints).
-    role: str = Field(default="all", pattern=r"^(all|ingest|trainer|task:[A-Za-z0-9_\-]+)$")
+    role: str = Field(
+        default="all",
+        pattern=r"^(all|ingest|trainer|task:[A-Za-z0-9_\-]+)$",
+        description="all, ingest, trainer or task:NAME",
+    )
     checkpoint_interval: float = Field(default=30.0, ge=0, description="seconds between checkpoints (0: never)")
     checkpoint_keep: int = Field(default=3, ge=1, description="checkpoints kept on disk")
     #: Distributed training (torch DDP, ``stream_mtl.distributed``): this many trainer workers train one model.
