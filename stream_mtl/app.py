@@ -43,11 +43,12 @@ from aiokafka.errors import CommitFailedError
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
-from stream_mtl.changelog import read_latest
+from stream_mtl.changelog import read_latest, read_range
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
-from stream_mtl.faust_compat import keep_subscribed, seek_on_assignment, set_fetch_max_wait
+from stream_mtl.faust_compat import keep_subscribed, seek_uncommitted_to_start, set_fetch_max_wait
+from stream_mtl.labels import chunk_partition
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
 from stream_mtl.pipeline import IngestStage, task_frames
@@ -85,7 +86,10 @@ class Pipeline:
         self.names = TopicNames(topology, settings.app_id)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
-        self._pending_restored = False
+        #: the resumed checkpoint's task offsets ("topic:partition" → offset) not yet replayed (``None``: not asked)
+        self._replay_from: dict[str, int] | None = None
+        #: task-topic partitions ("topic", partition) whose pending examples this worker's trainer holds
+        self._pending_ready: set[tuple[str, int]] = set()
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
@@ -114,6 +118,8 @@ class Pipeline:
             )
         #: the tasks this worker's trainer trains, and the topology of its model
         self.train_tasks = groups[self.trainer_group]
+        #: task topic → task name, of the tasks this worker's trainer trains
+        self.task_of_topic = {self.names.task(t): t for t in self.train_tasks}
         self.train_topology = (
             topology if len(self.train_tasks) == len(topology.tasks) else topology.restricted_to(self.train_tasks)
         )
@@ -222,13 +228,11 @@ class Pipeline:
             key_type=str,
             # values are plain JSON dicts: a value_type of dict would make recovery call dict.from_data
         )
-        self.pending = app.Table(
-            PENDING_TABLE,
-            default=None,
-            partitions=self.topology.partitions,
-            use_partitioner=True,
-            key_type=str,
-            value_type=bytes,  # frames (codec) and joined-row lists, written by the trainer agent
+        # The pending examples' changelog, written by the trainer agent straight to the partition of the task
+        # partition they came from (not a Faust table: Faust would recover it by *its* partitioner's placement,
+        # and a rebalance would hand a trainer other partitions' examples; see _restore_pending)
+        self.pending_changelog = app.topic(
+            self.names.changelog(PENDING_TABLE, s.role), partitions=self.topology.partitions, **raw
         )
         self.outbox_table = app.Table(
             OUTBOX_TABLE,
@@ -259,7 +263,7 @@ class Pipeline:
                 if self.late:
                     expired, changes = await self.trainer.call("sweep")
                     await self._send_expired(expired)
-                    self._write_pending(changes)
+                    await self._write_pending(changes)
             await self.publish_metrics()
 
         if s.webhook_urls:
@@ -327,17 +331,15 @@ class Pipeline:
                         await stream.ack(e)
                     batch.clear()
 
-        async def resume_offsets() -> dict[str, int]:
-            try:
-                return await self.trainer.call("take_resume_offsets")
-            except TrainerError:  # the trainer is gone: the agent's first call crashes the worker
-                return {}
-
-        seek_on_assignment(app, train_in.topics, resume_offsets)
+        seek_uncommitted_to_start(app, train_in.topics)
 
         @app.on_partitions_revoked.connect
         async def forget_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
-            mine = [(tp.topic, tp.partition) for tp in revoked if tp.topic in train_in.topics]
+            task_of = self.task_of_topic
+            mine = [(tp.topic, task_of[tp.topic], tp.partition) for tp in revoked if tp.topic in task_of]
+            self._pending_ready -= {(t, p) for t, _, p in mine}
+            if mine:  # only the first assignment after a restart replays what its checkpoint lacks
+                self._replay_from = {}
             if mine and not self.trainer.closed:
                 with contextlib.suppress(TrainerError):  # the trainer is gone: nothing to forget
                     await self.trainer.call("forget_partitions", mine)
@@ -540,12 +542,16 @@ class Pipeline:
         (at-least-once).
         """
         self.last_batch_at = time.monotonic()
-        if not self._pending_restored:
-            self._pending_restored = True
-            items = [(k, v) for k, v in self.pending.items() if v]
-            if items:
-                rows = await self.trainer.call("restore_pending", items)
-                log.info("labels.pending_restored", rows=rows)
+        if positions is not None and self.late:
+            new = {(t, p) for t, p, _ in positions} - self._pending_ready
+            if new:
+                await self._restore_pending(new)
+        if positions is not None and self._replay_from != {}:
+            await self._replay_missed(positions)
+        await self._process_frames(values, positions)
+
+    async def _process_frames(self, values: list[bytes], positions: list[tuple[str, int, int]] | None) -> None:
+        """One trainer call, and everything it gave sent: predictions, expired labels, alerts, pending changes."""
         try:
             outputs, changes, alerts = await self.trainer.call("process", list(values), positions)
         except TrainerError as exc:
@@ -554,7 +560,7 @@ class Pipeline:
             log.error("trainer.failed", error=str(exc)[-2000:])
             await self.app.crash(exc)
             raise
-        self._write_pending(changes)
+        await self._write_pending(changes)
         for record in alerts:
             await self._publish_alert(record)
         t0 = time.perf_counter()
@@ -570,6 +576,35 @@ class Pipeline:
             if self.first_prediction_at is None:
                 self.first_prediction_at = time.time()
         self.timings["predictions_send"] += time.perf_counter() - t0
+
+    async def _replay_missed(self, positions: list[tuple[str, int, int]]) -> None:
+        """Once per task partition after a restart: the frames the resumed checkpoint had not learned, first.
+
+        Faust resumes at the committed offsets: a frame is acknowledged once predicted and buffered, so what
+        the dead worker learned after its last checkpoint lies below them. The checkpoint says per partition
+        where its learning ends (``task_offsets``); those frames are read here, a fetch at a time, and
+        processed ahead of the partition's first frame (predicted again too: at most one checkpoint interval
+        of duplicates). Not a seek below the committed offset: Faust drops records below its read offset,
+        which the batch it is still draining raises again (:mod:`stream_mtl.faust_compat`). Only the first
+        assignment replays (a revocation clears what is left).
+        """
+        if self._replay_from is None:
+            self._replay_from = await self.trainer.call("take_resume_offsets")
+        first: dict[str, int] = {}
+        for topic, partition, offset in positions:
+            first.setdefault(f"{topic}:{partition}", offset)
+        for key, offset in first.items():
+            start = self._replay_from.pop(key, None)
+            if start is None or start >= offset:
+                continue
+            topic, _, partition = key.rpartition(":")
+            frames = 0
+            async for records in read_range(self.settings.bootstrap, topic, int(partition), start, offset):
+                await self._process_frames(
+                    [r.value for r in records], [(topic, r.partition, r.offset) for r in records]
+                )
+                frames += len(records)
+            log.info("trainer.replay_from_checkpoint", partition=key, start=start, end=offset, frames=frames)
 
     async def _publish_alert(self, record: bytes) -> Any:
         """An alert on ``<app>.alerts`` (keyed by its id: idempotent) and into the webhook outbox; the send's future."""
@@ -589,14 +624,35 @@ class Pipeline:
         for eid, record in expired:
             await self.expired_topic.send(key=eid.encode(), value=record)
 
-    def _write_pending(self, changes: dict[str, bytes | None]) -> None:
-        """Mirror the pending-label store into its table (changelogged, so it survives a crash)."""
-        table = self.pending
+    async def _write_pending(self, changes: dict[str, bytes | None]) -> None:
+        """Mirror the pending-label store into its changelog, each key to its task partition's partition."""
+        topic = self.pending_changelog
         for key, value in changes.items():
-            if value is not None:
-                table[key] = value
-            elif key in table:
-                del table[key]
+            await topic.send(key=key.encode(), value=value, partition=chunk_partition(key))
+
+    async def _restore_pending(self, new: set[tuple[str, int]]) -> None:
+        """Before the first frame of newly assigned task partitions: their pending examples, from the changelog.
+
+        Every task partition assigned now and not restored yet is read in one pass (the first frames of the
+        others are usually right behind). Their writers flushed before the rebalance let go of them.
+        """
+        assigned = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment() if tp.topic in self.task_of_topic}
+        todo = new | (assigned - self._pending_ready)
+        late = {t.name for t in self.topology.tasks if t.label_ttl_s is not None}
+        parts = [(self.task_of_topic[t], p) for t, p in todo if self.task_of_topic[t] in late]
+        items: list[tuple[str, bytes]] = []
+        if parts:
+            prefixes = tuple(f"{p}:{task}:" for task, p in parts)
+            latest = await read_latest(
+                self.settings.bootstrap,
+                self.pending_changelog.get_topic_name(),
+                lambda key: key.startswith(prefixes),
+                partitions={p for _, p in parts},
+            )
+            items = [(k, v) for k, v in latest.items() if v is not None]
+            rows = await self.trainer.call("restore_pending", items, parts)
+            log.info("labels.pending_restored", partitions=len(parts), keys=len(items), rows=rows)
+        self._pending_ready |= todo
 
     async def train_if_idle(self) -> None:
         trainer = self.trainer

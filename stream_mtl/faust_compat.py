@@ -13,13 +13,11 @@ their committed offsets, one partition at a time (~5 ms each on the embedded bro
 that window are lost to a partition that has no committed offset yet: aiokafka's ``seek_to_committed``
 skips it (offset ``None``), so nothing rewinds it. A trainer worker started on a backlog its group had
 never read (``--role trainer`` next to ingest workers) lost about half of it.
-:func:`seek_on_assignment` rewinds such partitions to their start (at-least-once: what was
-delivered in the window is read again, nothing is skipped). The same hook rewinds a restarted trainer's
-first assignment to the offsets its checkpoint learned up to, so what the dead worker had learned after
-that checkpoint is learned again (Faust's committed offsets are later: a frame is acknowledged once
-predicted and buffered, before a checkpoint holds what was learned from it). The seek's result is what
-Faust takes as each partition's read and committed offset; a rewound partition must report its new
-offset there, or Faust drops every record below the old one as already read.
+:func:`seek_uncommitted_to_start` rewinds such partitions to their start (at-least-once: what was
+delivered in the window is read again, nothing is skipped). It cannot rewind a partition *below* its
+committed offset: records of the batch Faust is still draining raise its read offset again, and Faust then
+drops the re-fetched older records as already read. So a restarted trainer that must re-learn what its
+checkpoint lacks reads those frames itself (:meth:`stream_mtl.app.Pipeline.on_task_batches`).
 
 Faust also hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer. aiokafka keeps one
 fetch in flight per broker, for the partitions that have nothing buffered; when those are idle
@@ -31,7 +29,7 @@ next records queue behind it: stalls of 0.3–1.1 s at the end of every benchmar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 import faust
 
@@ -39,7 +37,7 @@ from stream_mtl.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["keep_subscribed", "missing_subscriptions", "seek_on_assignment", "set_fetch_max_wait"]
+__all__ = ["keep_subscribed", "missing_subscriptions", "seek_uncommitted_to_start", "set_fetch_max_wait"]
 
 
 def set_fetch_max_wait(app: faust.App, ms: int) -> None:
@@ -85,40 +83,22 @@ async def keep_subscribed(app: faust.App, topics: Iterable[str], interval: float
             await app.consumer.subscribe(await conductor._update_indices())
 
 
-def seek_on_assignment(
-    app: faust.App,
-    topics: Iterable[str],
-    resume: Callable[[], Awaitable[dict[str, int]]] | None = None,
-) -> None:
-    """Make the app's post-rebalance "seek to committed" rewind partitions of ``topics``: those with no
-    commit yet to their start, and, once, those ``resume`` names ("topic:partition" → offset) to that
-    offset where it is below the committed one. Call before the app starts (see the module doc).
+def seek_uncommitted_to_start(app: faust.App, topics: Iterable[str]) -> None:
+    """Make the app's post-rebalance "seek to committed" rewind partitions of ``topics`` with no commit yet.
 
-    ``resume`` is awaited at the first seek that covers any partition of ``topics`` and not again.
+    Call before the app starts (see the module doc).
     """
     topics = frozenset(topics)
     consumer = app.consumer
     seek_to_committed = consumer.seek_to_committed
-    pending_resume = [resume] if resume is not None else []
 
-    async def seek_and_rewind() -> dict:
-        committed = dict(await seek_to_committed())
-        mine = [tp for tp in committed if tp.topic in topics]
-        fresh = [tp for tp in mine if not committed[tp]]
+    async def seek_with_start() -> dict:
+        committed = await seek_to_committed()
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in topics]
         for tp in fresh:
             await consumer.seek(tp, 0)
         if fresh:
             log.info("faust.seek_uncommitted", partitions=len(fresh))
-        if mine and pending_resume:
-            offsets = await pending_resume.pop()()
-            rewound = {}
-            for tp in mine:
-                target = offsets.get(f"{tp.topic}:{tp.partition}")
-                if target is not None and committed[tp] and target < committed[tp]:
-                    await consumer.seek(tp, target)
-                    rewound[f"{tp.topic}:{tp.partition}"] = committed[tp] - target
-                    committed[tp] = target
-            log.info("faust.resume_from_checkpoint", partitions=len(rewound), rewound=rewound)
         return committed
 
-    consumer.seek_to_committed = seek_and_rewind
+    consumer.seek_to_committed = seek_with_start

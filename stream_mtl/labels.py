@@ -37,7 +37,17 @@ from stream_mtl.codec import TaskBatch, decode_batch, encode_batch, label_batch
 from stream_mtl.ingest import DeadLetter, EventValidator, SourceRecord
 from stream_mtl.topology import Topology
 
-__all__ = ["ExpiredLabel", "JoinResult", "PendingLabels", "parse_labels"]
+__all__ = ["ExpiredLabel", "JoinResult", "PendingLabels", "chunk_partition", "parse_labels"]
+
+
+def chunk_partition(key: str) -> int:
+    """The task-topic partition a pending-store key belongs to (its leading number; 0 for older keys).
+
+    >>> chunk_partition("3:y0:1733.000000:7"), chunk_partition("3:y0:1733.000000:7:joined"), chunk_partition("y0:1.0:2")
+    (3, 3, 0)
+    """
+    head = key.split(":", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def parse_labels(
@@ -213,10 +223,25 @@ class PendingLabels:
         decided: np.ndarray,
         offsets: dict[str, list[int]],
         key: str | None = None,
+        partition: int = 0,
     ) -> str:
-        """Keep unlabelled, already predicted rows of one task until their labels arrive."""
+        """Keep unlabelled, already predicted rows of one task until their labels arrive; the key ("": none
+        new, every row was waiting already).
+
+        ``partition``: the task-topic partition the rows came from; it leads the key (:func:`chunk_partition`),
+        so the state of one partition can be written to, and restored from, that changelog partition.
+        """
+        index = self._index.get(task)
+        if index:  # a replayed frame (at-least-once): rows already waiting keep their first prediction
+            fresh = [i for i, eid in enumerate(ids) if eid not in index]
+            if len(fresh) < len(ids):
+                self.counts.setdefault(task, _zero_counts())["replayed"] += len(ids) - len(fresh)
+                if not fresh:
+                    return ""
+                ids, x, decided = [ids[i] for i in fresh], x[fresh], np.asarray(decided)[fresh]
+                x_train = None if x_train is None else x_train[fresh]
         self._seq += 1
-        key = key or f"{task}:{self.clock():.6f}:{self._seq}"
+        key = key or f"{partition}:{task}:{self.clock():.6f}:{self._seq}"
         frame = _encode_chunk(key, task, ids, x, x_train, np.asarray(decided), self.clock(), offsets)
         self._insert(_chunk(key, frame))
         self._changes[key] = frame
@@ -322,15 +347,16 @@ class PendingLabels:
         else:
             self._changes[key + ":joined"] = orjson.dumps(np.flatnonzero(~ch.open).tolist())
 
-    def _retire(self, key: str) -> None:
+    def _retire(self, key: str, record: bool = True) -> None:
         ch = self._chunks.pop(key)
         del self._by_seq[ch.seq]
         index = self._index.get(ch.task, {})
         for i in np.flatnonzero(ch.open).tolist():
             index.pop(ch.ids[i], None)
         self.rows -= int(ch.open.sum())
-        self._changes[key] = None
-        self._changes[key + ":joined"] = None
+        if record:
+            self._changes[key] = None
+            self._changes[key + ":joined"] = None
 
     def sweep(self) -> list[ExpiredLabel]:
         """Drop rows whose TTL passed without a label (counted), and early labels whose event never came.
@@ -363,15 +389,29 @@ class PendingLabels:
         out, self._changes = self._changes, {}
         return out
 
-    def restore(self, items: list[tuple[str, bytes]]) -> int:
-        """Rebuild from table items written by :meth:`changes`; returns the rows restored."""
+    def drop_partitions(self, parts: set[tuple[str, int]]) -> int:
+        """Forget the rows of these (task, partition)s without writing deletes (another worker owns them now)."""
+        keys = [k for k, ch in self._chunks.items() if (ch.task, chunk_partition(k)) in parts]
+        for key in keys:
+            self._retire(key, record=False)
+        return len(keys)
+
+    def restore(self, items: list[tuple[str, bytes]], parts: set[tuple[str, int]] | None = None) -> int:
+        """Rebuild from changelog items written by :meth:`changes`; returns the rows pending afterwards.
+
+        ``parts``: the (task, partition)s the items are the whole state of; what the store held of them
+        is replaced (default: add to it).
+        """
+        if parts:
+            self.drop_partitions(parts)
         joined = {k[: -len(":joined")]: orjson.loads(v) for k, v in items if k.endswith(":joined") and v}
         for k, v in items:
-            if k.endswith(":joined") or not v:
+            if k.endswith(":joined") or not v or k in self._chunks:
                 continue
             ch = _chunk(k, v)
             for i in joined.get(k, []):
                 ch.open[i] = False
+                self._remember(ch.task, ch.ids[i])  # its label, read again, is a duplicate, not an early label
             if ch.open.any():
                 self._insert(ch)
         return self.rows
@@ -392,6 +432,7 @@ class PendingLabels:
 def _zero_counts() -> dict[str, int]:
     return {
         "added": 0,
+        "replayed": 0,
         "joined": 0,
         "early": 0,
         "expired": 0,

@@ -74,11 +74,6 @@ class TopicNames:
         return f"{self.app_id}-{FEATURE_TABLE}-changelog"
 
     @property
-    def pending_changelog(self) -> str:
-        """Faust's name for the pending-label table's changelog."""
-        return f"{self.app_id}-{PENDING_TABLE}-changelog"
-
-    @property
     def alerts(self) -> str:
         """Drift alerts and the actions taken on them (keyed by alert id)."""
         return f"{self.app_id}.alerts"
@@ -104,24 +99,31 @@ class TopicNames:
             return f"{self.app_id}-task-{role[5:]}"
         return self.app_id
 
-    @property
-    def outbox_changelog(self) -> str:
-        """Faust's name for the webhook outbox table's changelog."""
-        return f"{self.app_id}-{OUTBOX_TABLE}-changelog"
+    def changelog(self, table: str, role: str = "all") -> str:
+        """Faust's name for the changelog of a table of the app that runs ``role`` (``features``: one per pipeline).
+
+        >>> from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
+        >>> topo = Topology(name="toy", schema=EventSchema(fields={"x": "float", "y": "bool"}),
+        ...                 features=[FeatureSpec(name="n", inputs=["x"])],
+        ...                 tasks=[TaskSpec(name="t", kind="binary", label="y")])
+        >>> n = TopicNames(topo)
+        >>> n.changelog(PENDING_TABLE), n.changelog(OUTBOX_TABLE, "ingest"), n.changelog(PENDING_TABLE, "task:t")
+        ('toy-pending-changelog', 'toy-ingest-outbox-changelog', 'toy-task-t-pending-changelog')
+        """
+        if table == FEATURE_TABLE:
+            return self.feature_changelog
+        return f"{self.faust_app_id(role)}-{table}-changelog"
 
     def all(self) -> dict[str, int]:
         """Topic name → partition count."""
         p = self.topology.partitions
         out = {topic: p for topic in self.sources}
         out.update({self.dlq: 1, self.predictions: p, self.metrics: 1, self.feature_changelog: p})
-        out.update({self.labels: p, self.labels_expired: 1, self.pending_changelog: p})
-        out.update({self.alerts: 1, self.outbox_changelog: 1})
-        ingest = self.ingest_app_id  # the tables of ingest-only workers
-        out.update({f"{ingest}-{OUTBOX_TABLE}-changelog": 1, f"{ingest}-{PENDING_TABLE}-changelog": p})
-        for group in self.topology.trainer_groups():  # the tables of each own_trainer task's workers
-            if group:
-                app = self.faust_app_id(f"task:{group}")
-                out.update({f"{app}-{PENDING_TABLE}-changelog": p, f"{app}-{OUTBOX_TABLE}-changelog": 1})
+        out.update({self.labels: p, self.labels_expired: 1, self.alerts: 1})
+        # the tables of each kind of worker: pending examples where a model trains, the webhook outbox everywhere
+        trainers = ["all", *(f"task:{g}" for g in self.topology.trainer_groups() if g)]
+        out.update({self.changelog(PENDING_TABLE, role): p for role in trainers})
+        out.update({self.changelog(OUTBOX_TABLE, role): 1 for role in [*trainers, "ingest"]})
         for t in self.topology.tasks:
             out[self.task(t.name)] = p
         return out

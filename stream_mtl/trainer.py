@@ -209,6 +209,7 @@ class Trainer:
                     None if batch.x_train is None else batch.x_train[missing],
                     decided[missing],
                     batch.offsets,
+                    partition=batch.partition,
                 )
             y, decided, xs = [y[i] for i in have], decided[have], xs[have]
             ids = [batch.ids[i] for i in have]

@@ -299,10 +299,10 @@ class TrainerSession:
             self._check_lockstep()
         out: list[Output] = []
         for i, frame in enumerate(frames):
-            if positions is not None:
-                topic, partition, offset = positions[i]
-                self._read[f"{topic}:{partition}"] = offset + 1
             batch = decode_batch(frame)
+            if positions is not None:
+                topic, batch.partition, offset = positions[i]
+                self._read[f"{topic}:{batch.partition}"] = offset + 1
             if batch.kind == "labels":
                 out.append((batch.task, [(e.id, e.to_json()) for e in tr.observe_labels(batch)]))
             else:
@@ -402,22 +402,25 @@ class TrainerSession:
     def take_resume_offsets(self) -> dict[str, int]:
         """Once: the offsets the resumed checkpoint learned up to, per "topic:partition" (then ``{}``).
 
-        The worker rewinds its first assignment to them (:func:`stream_mtl.faust_compat.seek_on_assignment`),
-        so what it learned after that checkpoint is learned again. Distributed, there are none: rank 0's
-        checkpoint knows only rank 0's partitions.
+        The worker replays each partition from there before its first frame
+        (:meth:`stream_mtl.app.Pipeline.on_task_batches`), so what was learned after that checkpoint is
+        learned again. Distributed, there are none: rank 0's checkpoint knows only rank 0's partitions.
         """
         offsets, self._resume_offsets = self._resume_offsets, {}
         return offsets
 
-    def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
-        """Partitions revoked from this worker: its checkpoints no longer say where to resume them."""
-        for topic, partition in partitions:
+    def forget_partitions(self, partitions: list[tuple[str, str, int]]) -> int:
+        """(topic, task, partition)s revoked from this worker: its checkpoints no longer say where to resume
+        them, and their pending examples are the next owner's (restored from the changelog, not deleted).
+        Returns the pending chunks dropped."""
+        for topic, _task, partition in partitions:
             self._read.pop(f"{topic}:{partition}", None)
             self.learned_upto.pop(f"{topic}:{partition}", None)
+        return self.trainer.pending_labels.drop_partitions({(task, p) for _topic, task, p in partitions})
 
-    def restore_pending(self, items: list[tuple[str, bytes]]) -> int:
-        """Rebuild the pending-label store from the ``pending`` table (after a restart)."""
-        return self.trainer.pending_labels.restore(items)
+    def restore_pending(self, items: list[tuple[str, bytes]], parts: list[tuple[str, int]]) -> int:
+        """The pending examples of these (task, partition)s, from the ``pending`` changelog (on assignment)."""
+        return self.trainer.pending_labels.restore(items, {(t, p) for t, p in parts})
 
     def checkpoint(self) -> str | None:
         """Write a checkpoint if the model changed since the last one; the file name."""

@@ -61,30 +61,12 @@ def expected_predictions(topology: Any, items: list[dict[str, Any]]) -> set[tupl
 
 async def read_frames(bootstrap: str, ranges: dict[str, tuple[int, int]]) -> list[Any]:
     """The task frames (decoded) at offsets ``[start, end)`` of each "topic:partition" in ``ranges``."""
+    from stream_mtl.changelog import read_range
     from stream_mtl.codec import decode_batch
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = {}
-        for key, (start, end) in ranges.items():
-            topic, _, p = key.rpartition(":")
-            tps[TopicPartition(topic, int(p))] = (start, end)
-        consumer.assign(list(tps))
-        for tp, (start, _) in tps.items():
-            consumer.seek(tp, start)
-        frames: list[Any] = []
-        todo = {tp for tp, (start, end) in tps.items() if end > start}
-        deadline = time.monotonic() + 30
-        while todo and time.monotonic() < deadline:
-            data = await consumer.getmany(timeout_ms=500)
-            for tp, recs in data.items():
-                end = tps[tp][1]
-                frames.extend(decode_batch(r.value) for r in recs if r.offset < end)
-                if recs and recs[-1].offset >= end - 1:
-                    todo.discard(tp)
-        if todo:
-            raise TimeoutError(f"frames of {sorted(map(str, todo))} not read")
-        return frames
-    finally:
-        await consumer.stop()
+    frames: list[Any] = []
+    for key, (start, end) in ranges.items():
+        topic, _, partition = key.rpartition(":")
+        async for records in read_range(bootstrap, topic, int(partition), start, end, 30):
+            frames += [decode_batch(r.value) for r in records]
+    return frames

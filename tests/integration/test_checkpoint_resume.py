@@ -131,7 +131,7 @@ def test_a_killed_trainer_learns_again_from_its_checkpoint_offsets(broker, start
     frames = asyncio.run(read_frames(broker.bootstrap, {tp: (ckpt[tp], committed[tp]) for tp in behind}))
     replayed = {(i, b.task) for b in frames if b.kind == "examples" for i in b.ids}
     assert replayed and replayed <= again, (len(replayed), len(replayed - again))
-    assert "faust.resume_from_checkpoint" in second.log()
+    assert "trainer.replay_from_checkpoint" in second.log()
     # duplicates are bounded by what the killed worker had done
     total_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs)
     first_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs if r.timestamp < second_started_ms)

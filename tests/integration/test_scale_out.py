@@ -169,3 +169,40 @@ def test_a_slow_task_in_its_own_trainer_does_not_hold_back_the_others(broker, st
     labelled += sum(1 for e in items if "_label" in e and e["_label"]["task"] == "r0")
     print(f"slow task: the shared model finished {len(want)} predictions; r0 had learned {learned} of {labelled}")
     assert learned < labelled // 2
+
+
+def test_late_labels_find_their_events_after_a_rebalance(broker, start_worker) -> None:
+    """Pending examples move with their task partition: a worker that joins restores the rows the first one
+    predicted on the partitions it takes over, so their late labels (500 events behind) join there."""
+    topo = load_topology(TOPOLOGY)
+    names = TopicNames(topo, f"late{uuid.uuid4().hex[:6]}")
+    asyncio.run(create_topics(broker.bootstrap, names.all()))
+    items = list(SyntheticStream.default().events(16_000))
+    late = sum(1 for e in items if "_label" in e)
+    half = len(items) // 2
+    asyncio.run(produce_events(broker.bootstrap, names, items[:half]))
+    a = start_worker(TOPOLOGY, app_id=names.app_id, args=SESSION)
+    events_a = sum(1 for e in items[:half] if "_label" not in e)
+    _snapshots(broker.bootstrap, names, lambda s: any(x["predicted"].get("r0", 0) >= events_a for x in s.values()), 90)
+    b = start_worker(TOPOLOGY, app_id=names.app_id, args=SESSION)  # takes over half of the task partitions
+    _snapshots(broker.bootstrap, names, lambda s: len(s) == 2, 90)
+    asyncio.run(produce_events(broker.bootstrap, names, items[half:]))
+
+    def joined(snaps: dict[str, dict]) -> int:
+        return sum(s["labels"]["r0"]["joined"] for s in snaps.values())
+
+    seen: dict[str, dict] = {}
+
+    def settled(snaps: dict[str, dict]) -> bool:
+        seen.update(snaps)
+        return len(snaps) == 2 and joined(snaps) >= late
+
+    try:
+        snaps = _snapshots(broker.bootstrap, names, settled, 90)
+    except TimeoutError:
+        raise AssertionError(f"{late} late labels, per worker: {[s['labels']['r0'] for s in seen.values()]}") from None
+    assert a.alive() and b.alive()
+    counts = [s["labels"]["r0"] for s in snaps.values()]
+    print(f"late labels after a rebalance: {late} sent, per worker {counts}")
+    assert all(c["joined"] > 0 for c in counts), counts  # both workers joined labels: the partitions were shared
+    assert joined(snaps) == late, counts  # each exactly once (a label read again is a duplicate, not a second join)

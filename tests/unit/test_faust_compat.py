@@ -19,7 +19,7 @@ async def test_a_registered_but_unsubscribed_topic_is_reported() -> None:
 async def test_partitions_without_a_commit_are_rewound_after_the_seek() -> None:
     from faust.types import TP
 
-    from stream_mtl.faust_compat import seek_on_assignment
+    from stream_mtl.faust_compat import seek_uncommitted_to_start
 
     app = faust.App("compat2", broker="kafka://127.0.0.1:1", autodiscover=False, web_enabled=False)
     committed = {TP("t", 0): None, TP("t", 1): 0, TP("t", 2): 7, TP("changelog", 0): None}
@@ -33,45 +33,7 @@ async def test_partitions_without_a_commit_are_rewound_after_the_seek() -> None:
 
     app.consumer.seek_to_committed = seek_to_committed
     app.consumer.seek = seek
-    seek_on_assignment(app, ["t"])
+    seek_uncommitted_to_start(app, ["t"])
     assert await app.consumer.seek_to_committed() == committed
     # never read (None) or at 0: rewound to the start; a committed position and other topics are left alone
     assert sorted(seeks) == [(TP("t", 0), 0), (TP("t", 1), 0)]
-
-
-async def test_the_first_assignment_rewinds_to_the_checkpoint_offsets_once() -> None:
-    from faust.types import TP
-
-    from stream_mtl.faust_compat import seek_on_assignment
-
-    app = faust.App("compat3", broker="kafka://127.0.0.1:1", autodiscover=False, web_enabled=False)
-    seeks: list[tuple[TP, int]] = []
-    asked: list[int] = []
-
-    async def seek_to_committed() -> dict:
-        return {TP("t", 0): 100, TP("t", 1): 50, TP("t", 2): None, TP("other", 0): 9}
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    async def resume() -> dict[str, int]:
-        asked.append(1)
-        # t:0 learned up to 60 (rewind), t:1 up to 70 (ahead of the commit: no seek forward), t:2 not committed
-        return {"t:0": 60, "t:1": 70, "t:2": 5, "t:3": 1, "other:0": 1}
-
-    app.consumer.seek_to_committed = seek_to_committed
-    app.consumer.seek = seek
-    seek_on_assignment(app, ["t"], resume)
-    # what Faust takes as the read/committed offsets: the rewound one reports its new offset (or Faust
-    # would drop the records below 100 as already read)
-    assert await app.consumer.seek_to_committed() == {
-        TP("t", 0): 60,
-        TP("t", 1): 50,
-        TP("t", 2): None,
-        TP("other", 0): 9,
-    }
-    assert sorted(seeks) == [(TP("t", 0), 60), (TP("t", 2), 0)]
-    seeks.clear()
-    # a later rebalance: the model is live, nothing is rewound to the checkpoint again
-    assert (await app.consumer.seek_to_committed())[TP("t", 0)] == 100
-    assert seeks == [(TP("t", 2), 0)] and asked == [1]

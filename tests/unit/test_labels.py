@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 
 from stream_mtl.codec import TaskBatch
-from stream_mtl.labels import PendingLabels, parse_labels
+from stream_mtl.labels import PendingLabels, chunk_partition, parse_labels
 from stream_mtl.topology import EventSchema, FeatureSpec, TaskSpec, Topology
 from stream_mtl.trainer import Trainer
 
@@ -113,6 +113,38 @@ def test_pending_state_round_trips_through_table_writes() -> None:
     assert b.restore(list(table.items())) == 1  # only 'b' is still waiting
     hit = b.join("t", ["b"], [1.0], [clock.now], [None])
     assert hit.ids == ["b"] and hit.x is not None and hit.x[0].tolist() == [2.0] and hit.decided == [0.9]
+
+
+def test_pending_state_moves_with_its_task_partition() -> None:
+    """A rebalance: the old owner forgets a partition's rows without deleting them from the changelog, and the
+    new owner restores exactly that partition's rows (its keys lead with it, the changelog is keyed by it)."""
+    clock = Clock()
+    ttl = {"t": 60.0, "u": 60.0}
+    old = PendingLabels(max_rows=100, ttl=ttl, clock=clock)
+    one = np.zeros((1, 1), np.float32)
+    for task, p, eid in [("t", 0, "a"), ("t", 1, "b"), ("u", 1, "c")]:
+        old.add(task, [eid], one, None, np.array([0.5]), {}, partition=p)
+    changelog: dict[int, dict[str, bytes]] = {}
+    for k, v in old.changes().items():
+        assert v is not None
+        changelog.setdefault(chunk_partition(k), {})[k] = v
+    assert sorted(changelog) == [0, 1] and len(changelog[1]) == 2
+    # a replayed frame (read again after a restart) does not make its rows wait twice
+    assert old.add("t", ["a", "new"], np.zeros((2, 1), np.float32), None, np.array([0.1, 0.2]), {}, partition=0)
+    assert old.rows == 4 and old.snapshot()["t"]["replayed"] == 1
+    assert old.add("t", ["a"], one, None, np.array([0.1]), {}, partition=0) == ""
+    old.drop_partitions({("t", 0)})
+    old.changes()
+
+    assert old.drop_partitions({("t", 1)}) == 1  # revoked: t's partition 1 belongs to another worker now …
+    assert old.changes() == {}  # … so nothing is deleted from the changelog
+    assert old.rows == 1 and old.join("t", ["b"], [1.0], [clock.now], [None]).ids == []  # b now waits as early
+
+    new = PendingLabels(max_rows=100, ttl=ttl, clock=clock)
+    new.add("t", ["stale"], one, None, np.array([0.5]), {}, partition=1)  # held from an earlier assignment
+    items = [(k, v) for k, v in changelog[1].items() if k.startswith("1:t:")]
+    assert new.restore(items, {("t", 1)}) == 1  # replaced, not added to: 'stale' is gone, 'b' is back
+    assert new.join("t", ["b", "stale"], [1.0, 0.0], [clock.now] * 2, [None] * 2).ids == ["b"]
 
 
 def test_trainer_predicts_now_and_learns_when_the_label_comes() -> None:

@@ -69,7 +69,7 @@ def test_a_checkpoint_records_where_to_resume_and_a_new_session_takes_it_once(tm
     name = session.checkpoint()
     assert name is not None
     assert orjson.loads((tmp_path / name).read_bytes())["task_offsets"] == {"host.y0:0": 41, "host.y1:1": 8}
-    session.forget_partitions([("host.y1", 1)])  # revoked: this worker's checkpoints stop speaking for it
+    session.forget_partitions([("host.y1", "y1", 1)])  # revoked: this worker's checkpoints stop speaking for it
     assert session.learned_upto == {"host.y0:0": 41}
 
     resumed = TrainerSession(TOPO, store)
