@@ -88,7 +88,9 @@ class Pipeline:
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
         #: the resumed checkpoint's task offsets ("topic:partition" → offset) not yet replayed (``None``: not asked)
         self._replay_from: dict[str, int] | None = None
-        #: task-topic partitions ("topic", partition) whose pending examples this worker's trainer holds
+        #: task-topic partitions ("topic", partition) assigned to this worker's trainer …
+        self._task_partitions: set[tuple[str, int]] = set()
+        #: … and those of them whose pending examples it holds (restored before their first frame)
         self._pending_ready: set[tuple[str, int]] = set()
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
@@ -334,15 +336,22 @@ class Pipeline:
         seek_uncommitted_to_start(app, train_in.topics)
 
         @app.on_partitions_revoked.connect
-        async def forget_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+            if any(tp.topic in self.task_of_topic for tp in revoked):
+                self._replay_from = {}  # only the first assignment after a restart replays what its checkpoint lacks
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
+            # what moved to another worker: its pending examples and resume offsets are that worker's now (a
+            # partition kept across the rebalance was nobody else's in between: its state here is current)
             task_of = self.task_of_topic
-            mine = [(tp.topic, task_of[tp.topic], tp.partition) for tp in revoked if tp.topic in task_of]
-            self._pending_ready -= {(t, p) for t, _, p in mine}
-            if mine:  # only the first assignment after a restart replays what its checkpoint lacks
-                self._replay_from = {}
-            if mine and not self.trainer.closed:
+            mine = {(tp.topic, tp.partition) for tp in assigned if tp.topic in task_of}
+            lost = [(t, task_of[t], p) for t, p in self._task_partitions - mine]
+            self._task_partitions = mine
+            self._pending_ready &= mine
+            if lost and not self.trainer.closed:
                 with contextlib.suppress(TrainerError):  # the trainer is gone: nothing to forget
-                    await self.trainer.call("forget_partitions", mine)
+                    await self.trainer.call("forget_partitions", lost)
 
         @app.task
         async def subscription_guard() -> None:
@@ -404,10 +413,14 @@ class Pipeline:
         """The feature state of the assigned source partitions, read from the ``features`` changelog.
 
         Called before the first fetch of a new assignment (aiokafka awaits the listener), so no
-        record of a partition is featurised before its state is back. Each partition's state is
-        rebuilt from scratch: what this worker held of it before a rebalance may be stale.
+        record of a partition is featurised before its state is back. Only partitions this worker did
+        not hold in the previous generation are read (from scratch: what it held of them before may be
+        stale); a partition it kept was nobody else's in between, and its state here is current (each
+        value carries its source offset, so the polls replayed after a refused commit are not counted
+        twice). A rebalance then costs a changelog read only for the partitions that moved.
         """
         sources = [(t, p) for t, p in assigned if t in self.names.sources]
+        held = self.ingest.partitions()
         # No poll is featurised while the state is being replaced (the ingest loop takes this lock per poll): a
         # poll processed during the read used a half-restored state and was then overwritten, one poll short.
         async with self._poll_lock:
@@ -416,9 +429,10 @@ class Pipeline:
             # (the partition stayed here) its events would never be counted.
             await asyncio.gather(*[f for fs in self._unacked for f in fs], return_exceptions=True)
             self.ingest.drop_partitions_except(sources)
-            if not sources:
+            moved = [tp for tp in sources if tp not in held]
+            if not moved:
                 return
-            bases = tuple(b for t, p in sources for b in self.ingest.reset_partition(t, p))
+            bases = tuple(b for t, p in moved for b in self.ingest.reset_partition(t, p))
             prefixes = tuple(b + ":" for b in bases)
             latest = await read_latest(
                 self.settings.bootstrap,
@@ -426,8 +440,14 @@ class Pipeline:
                 lambda key: key in bases or key.startswith(prefixes),
             )
             items = [(k, orjson.loads(v)) for k, v in latest.items() if v is not None]
-            loaded = sum(self.ingest.load_state(t, p, items) for t, p in sources)
-        log.info("ingest.features_restored", partitions=len(sources), keys=loaded, counts=self.ingest.feature_counts())
+            loaded = sum(self.ingest.load_state(t, p, items) for t, p in moved)
+        log.info(
+            "ingest.features_restored",
+            partitions=len(moved),
+            kept=len(sources) - len(moved),
+            keys=loaded,
+            counts=self.ingest.feature_counts(),
+        )
 
     async def stop_ingest(self) -> None:
         consumer = getattr(self, "_consumer", None)
@@ -584,15 +604,16 @@ class Pipeline:
         the dead worker learned after its last checkpoint lies below them. The checkpoint says per partition
         where its learning ends (``task_offsets``); those frames are read here, a fetch at a time, and
         processed ahead of the partition's first frame (predicted again too: at most one checkpoint interval
-        of duplicates). Not a seek below the committed offset: Faust drops records below its read offset,
-        which the batch it is still draining raises again (:mod:`stream_mtl.faust_compat`). Only the first
-        assignment replays (a revocation clears what is left).
+        of duplicates), then checkpointed. Not a seek below the committed offset: Faust drops records below
+        its read offset, which the batch it is still draining raises again (:mod:`stream_mtl.faust_compat`).
+        Only the first assignment replays (a revocation clears what is left).
         """
         if self._replay_from is None:
             self._replay_from = await self.trainer.call("take_resume_offsets")
         first: dict[str, int] = {}
         for topic, partition, offset in positions:
             first.setdefault(f"{topic}:{partition}", offset)
+        replayed = False
         for key, offset in first.items():
             start = self._replay_from.pop(key, None)
             if start is None or start >= offset:
@@ -605,6 +626,12 @@ class Pipeline:
                 )
                 frames += len(records)
             log.info("trainer.replay_from_checkpoint", partition=key, start=start, end=offset, frames=frames)
+            replayed = True
+        if replayed and self.settings.checkpoint_interval > 0:
+            # a checkpoint of what was just learned again: a worker that crashes again before its first timed
+            # checkpoint replays from here, not from the old one (a crash loop would replay more each time)
+            await self.trainer.call("train")
+            await self.trainer.call("checkpoint")
 
     async def _publish_alert(self, record: bytes) -> Any:
         """An alert on ``<app>.alerts`` (keyed by its id: idempotent) and into the webhook outbox; the send's future."""

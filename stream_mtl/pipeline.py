@@ -91,6 +91,10 @@ class IngestStage:
         fs = self.feature_set(topic, partition)
         return [fs.key(name) for name in fs.extractors]
 
+    def partitions(self) -> set[tuple[str, int]]:
+        """The source partitions whose feature state this stage holds."""
+        return set(self.feature_sets)
+
     def drop_partitions_except(self, keep: list[tuple[str, int]]) -> None:
         """Forget the feature state of source partitions this worker no longer owns (bounded memory)."""
         for tp in set(self.feature_sets) - set(keep):

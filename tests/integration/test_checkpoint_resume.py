@@ -132,6 +132,10 @@ def test_a_killed_trainer_learns_again_from_its_checkpoint_offsets(broker, start
     replayed = {(i, b.task) for b in frames if b.kind == "examples" for i in b.ids}
     assert replayed and replayed <= again, (len(replayed), len(replayed - again))
     assert "trainer.replay_from_checkpoint" in second.log()
+    # and checkpointed at once: a second crash replays from where the first replay ended, not from the old one
+    newest = store.load_latest()
+    assert newest is not None and newest[1]["step"] > loaded[1]["step"]
+    assert all(newest[1]["task_offsets"][tp] >= committed[tp] for tp in behind), (newest[1]["task_offsets"], committed)
     # duplicates are bounded by what the killed worker had done
     total_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs)
     first_rows = sum(len(PredictionBatch.from_json(r.value)) for r in recs if r.timestamp < second_started_ms)
