@@ -47,7 +47,12 @@ from stream_mtl.changelog import read_latest, read_range
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
-from stream_mtl.faust_compat import keep_subscribed, seek_uncommitted_to_start, set_fetch_max_wait
+from stream_mtl.faust_compat import (
+    keep_subscribed,
+    seek_uncommitted_to_start,
+    set_fetch_max_wait,
+    start_with_producer,
+)
 from stream_mtl.labels import chunk_partition
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
@@ -96,6 +101,7 @@ class Pipeline:
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
         self._poll_lock = asyncio.Lock()
+        self._app_ready = asyncio.Event()  # set once Faust has started the app (its agents read their topics)
         #: the send futures of polls not yet settled (acknowledged and committed), oldest first
         self._unacked: list[list[Any]] = []
         #: some task takes late labels (the labels topic is read, pending examples are swept)
@@ -309,7 +315,13 @@ class Pipeline:
                 await pipeline.stop_ingest()
 
         if self.runs_ingest:
-            app.service(IngestService)
+            # its group join overlaps Faust's own; its first poll waits for the app (see faust_compat)
+            start_with_producer(app, lambda: IngestService(beacon=app.beacon, loop=app.loop))
+
+            @app.task
+            async def app_ready() -> None:  # Faust runs app tasks once the app has started (tables recovered)
+                self._app_ready.set()
+
         return app
 
     def _build_trainer(self, app: faust.App) -> None:
@@ -352,6 +364,16 @@ class Pipeline:
             if lost and not self.trainer.closed:
                 with contextlib.suppress(TrainerError):  # the trainer is gone: nothing to forget
                     await self.trainer.call("forget_partitions", lost)
+
+        @app.task
+        async def trainer_started() -> None:
+            # the trainer process builds the model while Faust starts (TrainerHost does not wait for it): a
+            # session that failed to build crashes the worker now, not at its first event
+            try:
+                await self.trainer.ready()
+            except TrainerError as exc:
+                log.error("trainer.failed", error=str(exc)[-2000:])
+                await app.crash(exc)
 
         @app.task
         async def subscription_guard() -> None:
@@ -460,6 +482,9 @@ class Pipeline:
         The acknowledgement of poll *k* is awaited after poll *k+1* has been sent, so the
         broker round trip overlaps the next batch's work instead of stalling it.
         """
+        # not before the trainer agent reads: on a backlog it would get every task's frames topic after topic, and
+        # predict many rounds of one task before any round is complete and learned from
+        await service.wait_first(self._app_ready.wait())
         consumer = self._consumer
         max_records = self.topology.ingest_batch
         seq = 0

@@ -535,10 +535,14 @@ class TrainerHost:
             self._proc.start()
             theirs.close()
             self._conn = mine
+            # not waited for here: the worker starts Faust and joins its groups while the model is built (~2 s
+            # of torch start-up); the first call (or :meth:`ready`) waits for it, and raises if it failed
+            self._ready = False
             #: the session's counters after the last call (steps, buffered rows, late labels settled)
-            self.status: dict[str, Any] = self._receive()[1]
+            self.status: dict[str, Any] = {"steps": 0, "pending": 0, "labels_settled": 0, "device": "starting"}
         else:
             self._session = make()
+            self._ready = True
             self.status = self._session.status()
 
     @property
@@ -565,6 +569,7 @@ class TrainerHost:
             result, self.status = self._session.call(name, args)
             return result
         assert self._conn is not None
+        self._wait_ready()
         try:
             self._conn.send((name, args))
         except (BrokenPipeError, OSError):
@@ -572,6 +577,21 @@ class TrainerHost:
             raise TrainerError(f"the trainer process exited (exit code {code})") from None
         result, self.status = self._receive()
         return result
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        try:
+            self.status = self._receive()[1]  # the session's first status, or its construction's traceback
+        except TrainerError:
+            self.close(timeout=1.0)  # a session that failed to build: later calls say the trainer is closed
+            raise
+        self._ready = True
+
+    async def ready(self) -> None:
+        """Wait until the session is built (:class:`TrainerError` with its traceback if that failed)."""
+        if not self._ready:
+            await asyncio.get_running_loop().run_in_executor(self._io, self._wait_ready)
 
     async def call(self, name: str, *args: Any) -> Any:
         """Call a session method without blocking the event loop."""

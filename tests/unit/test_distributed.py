@@ -5,6 +5,7 @@ Each test spawns two ranks; they write what they ended with (safetensors + JSON)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import multiprocessing
@@ -128,6 +129,7 @@ def _session_rank(rank: int, init_method: str, ckpt_dir: str, out: str, barrier:
         return session
 
     host = TrainerHost(make)
+    asyncio.run(host.ready())  # built in the trainer process (the host does not wait for it)
     rng = np.random.default_rng(rank)
     info: dict[str, Any] = {"rows": 0, "train_returned": [], "resumed_at": host.status["steps"]}
     try:

@@ -78,6 +78,21 @@ def test_a_checkpoint_records_where_to_resume_and_a_new_session_takes_it_once(tm
     assert resumed.take_resume_offsets() == {}  # only the first assignment rewinds
 
 
+def test_the_host_does_not_wait_for_the_session_but_a_failed_build_is_reported(tmp_path) -> None:
+    def broken() -> TrainerSession:
+        time.sleep(0.5)
+        raise ValueError("model.balancer kind 'gradnorm' cannot train with torch.distributed")
+
+    t0 = time.monotonic()
+    host = TrainerHost(broken)
+    assert time.monotonic() - t0 < 0.4  # the worker starts Faust meanwhile
+    try:
+        with pytest.raises(TrainerError, match=r"cannot train with torch\.distributed"):
+            asyncio.run(host.ready())
+    finally:
+        host.close()
+
+
 def test_an_error_in_the_trainer_comes_back_with_its_traceback(tmp_path) -> None:
     host = TrainerHost(lambda: TrainerSession(TOPO, CheckpointStore(tmp_path, TOPO.spec_hash())))
     try:
