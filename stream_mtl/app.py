@@ -39,11 +39,11 @@ import httpx
 import numpy as np
 import orjson
 import torch
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
-from stream_mtl.changelog import read_latest, read_range
+from stream_mtl.changelog import committed_offsets, read_latest, read_ranges
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
@@ -627,31 +627,44 @@ class Pipeline:
 
         Faust resumes at the committed offsets: a frame is acknowledged once predicted and buffered, so what
         the dead worker learned after its last checkpoint lies below them. The checkpoint says per partition
-        where its learning ends (``task_offsets``); those frames are read here, a fetch at a time, and
-        processed ahead of the partition's first frame (predicted again too: at most one checkpoint interval
+        where its learning ends (``task_offsets``); those frames are read here, one partition's after the
+        other's in turn (so the polls come in order, :func:`~stream_mtl.changelog.read_ranges`), and
+        processed ahead of the partitions' first frames (predicted again too: at most one checkpoint interval
         of duplicates), then checkpointed. Not a seek below the committed offset: Faust drops records below
         its read offset, which the batch it is still draining raises again (:mod:`stream_mtl.faust_compat`).
         Only the first assignment replays (a revocation clears what is left).
         """
         if self._replay_from is None:
             self._replay_from = await self.trainer.call("take_resume_offsets")
-        first: dict[str, int] = {}
+        # every assigned partition the checkpoint names, at once (one frame of each in turn): up to the first
+        # frame Faust gave us, or for those it has not yet, up to the committed offset it resumes from
+        first: dict[tuple[str, int], int] = {}
         for topic, partition, offset in positions:
-            first.setdefault(f"{topic}:{partition}", offset)
-        replayed = False
-        for key, offset in first.items():
-            start = self._replay_from.pop(key, None)
-            if start is None or start >= offset:
-                continue
-            topic, _, partition = key.rpartition(":")
-            frames = 0
-            async for records in read_range(self.settings.bootstrap, topic, int(partition), start, offset):
+            first.setdefault((topic, partition), offset)
+        assigned = [(tp.topic, tp.partition) for tp in self.app.consumer.assignment() if tp.topic in self.task_of_topic]
+        named = [tp for tp in {*first, *assigned} if f"{tp[0]}:{tp[1]}" in self._replay_from]
+        unseen = [tp for tp in named if tp not in first]
+        ends = {
+            **(await committed_offsets(self.settings.bootstrap, self.app.conf.id, unseen) if unseen else {}),
+            **first,
+        }
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        for tp in named:
+            start = self._replay_from.pop(f"{tp[0]}:{tp[1]}")
+            if tp in ends and start < ends[tp]:
+                ranges[tp] = (start, ends[tp])
+        replayed = 0
+        try:
+            async for records in read_ranges(self.settings.bootstrap, ranges):
                 await self._process_frames(
-                    [r.value for r in records], [(topic, r.partition, r.offset) for r in records]
+                    [r.value for r in records], [(r.topic, r.partition, r.offset) for r in records]
                 )
-                frames += len(records)
-            log.info("trainer.replay_from_checkpoint", partition=key, start=start, end=offset, frames=frames)
-            replayed = True
+                replayed += len(records)
+        except (KafkaError, TimeoutError) as exc:  # what is left is not learned again; nothing is lost
+            log.warning("trainer.replay_failed", frames=replayed, error=repr(exc))
+        if ranges:
+            spans = {f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()}
+            log.info("trainer.replay_from_checkpoint", partitions=len(ranges), frames=replayed, offsets=spans)
         if replayed and self.settings.checkpoint_interval > 0:
             # a checkpoint of what was just learned again: a worker that crashes again before its first timed
             # checkpoint replays from here, not from the old one (a crash loop would replay more each time)

@@ -10,13 +10,14 @@ highwater, which every fetch response carries, so the tail is never missed. The 
 pending examples of the task partitions it is assigned from the ``pending`` changelog the same way (the
 chunk keys lead with their task partition, and each is written to that changelog partition).
 
-:func:`read_range`: a restarted trainer re-reads the task frames between its checkpoint's offsets and
+:func:`read_ranges`: a restarted trainer re-reads the task frames between its checkpoint's offsets and
 where Faust resumes (see :meth:`stream_mtl.app.Pipeline.on_task_batches`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,7 @@ from stream_mtl.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["read_latest", "read_range", "table_key"]
+__all__ = ["committed_offsets", "read_latest", "read_ranges", "table_key"]
 
 
 def table_key(raw: bytes | None) -> str:
@@ -100,26 +101,73 @@ async def read_latest(
         await consumer.stop()
 
 
-async def read_range(
-    bootstrap: str, topic: str, partition: int, start: int, end: int, timeout: float = 60.0
-) -> AsyncIterator[list[Any]]:
-    """The records at offsets ``[start, end)`` of one partition, in order, a fetch at a time (bounded memory).
-
-    Raises ``TimeoutError`` if they are not all read within ``timeout`` seconds.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+async def committed_offsets(
+    bootstrap: str, group: str, partitions: list[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offset of each (topic, partition) that has one (without joining the group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        consumer.seek(tp, start)
+        out = {}
+        for topic, partition in partitions:
+            offset = await consumer.committed(TopicPartition(topic, partition))
+            if offset is not None:
+                out[(topic, partition)] = offset
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_ranges(
+    bootstrap: str,
+    ranges: dict[tuple[str, int], tuple[int, int]],
+    chunk: int = 16,
+    timeout: float = 60.0,
+) -> AsyncIterator[list[Any]]:
+    """The records at offsets ``[start, end)`` of each (topic, partition), one from each partition in turn.
+
+    The order matters to a restarted trainer's replay: task frames of one ingest poll sit at about the same
+    position of each task partition, so taking them round-robin replays the polls in order instead of one
+    task's frames ahead of the others'. Yields lists of at most ``chunk`` records; what waits in memory is
+    bounded by a fetch per partition. Raises ``TimeoutError`` if not all are read within ``timeout`` seconds.
+    """
+    wanted = {TopicPartition(t, p): (start, end) for (t, p), (start, end) in ranges.items() if end > start}
+    if not wanted:
+        return
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        for tp, (start, _) in wanted.items():
+            consumer.seek(tp, start)
+        queues: dict[TopicPartition, deque[Any]] = {tp: deque() for tp in wanted}
+        fetched: set[TopicPartition] = set()  # read up to their end
         deadline = time.monotonic() + timeout
-        while await consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}:{partition}: offsets {start}..{end} not read after {timeout}s")
-            data = await consumer.getmany(tp, timeout_ms=100, max_records=64)
-            records = [r for r in data.get(tp, ()) if r.offset < end]
-            if records:
-                yield records
+        out: list[Any] = []
+        while active := [tp for tp in wanted if queues[tp] or tp not in fetched]:
+            if any(not queues[tp] for tp in active):  # a partition ran dry: fetch (the others wait, paused)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(active)} partitions not read up to their end after {timeout}s")
+                full = [tp for tp in active if queues[tp] or tp in fetched]
+                consumer.pause(*full)
+                data = await consumer.getmany(timeout_ms=100)
+                consumer.resume(*[tp for tp in full if tp not in fetched])
+                for tp, records in data.items():
+                    queues[tp].extend(r for r in records if r.offset < wanted[tp][1])
+                for tp in active:  # read to the end (or the records are gone: retention moved the start past it)
+                    if tp not in fetched and await consumer.position(tp) >= wanted[tp][1]:
+                        fetched.add(tp)
+                        consumer.pause(tp)
+                continue
+            while all(queues[tp] for tp in active):  # one from each in turn, until one runs dry
+                for tp in active:
+                    out.append(queues[tp].popleft())
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+        if out:
+            yield out
     finally:
         await consumer.stop()

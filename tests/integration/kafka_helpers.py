@@ -61,12 +61,8 @@ def expected_predictions(topology: Any, items: list[dict[str, Any]]) -> set[tupl
 
 async def read_frames(bootstrap: str, ranges: dict[str, tuple[int, int]]) -> list[Any]:
     """The task frames (decoded) at offsets ``[start, end)`` of each "topic:partition" in ``ranges``."""
-    from stream_mtl.changelog import read_range
+    from stream_mtl.changelog import read_ranges
     from stream_mtl.codec import decode_batch
 
-    frames: list[Any] = []
-    for key, (start, end) in ranges.items():
-        topic, _, partition = key.rpartition(":")
-        async for records in read_range(bootstrap, topic, int(partition), start, end, 30):
-            frames += [decode_batch(r.value) for r in records]
-    return frames
+    parts = {(k.rpartition(":")[0], int(k.rpartition(":")[2])): r for k, r in ranges.items()}
+    return [decode_batch(r.value) async for records in read_ranges(bootstrap, parts, timeout=30) for r in records]

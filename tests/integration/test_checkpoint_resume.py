@@ -11,6 +11,7 @@ import time
 import orjson
 import pytest
 
+from stream_mtl.changelog import committed_offsets
 from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.codec import PredictionBatch
 from stream_mtl.produce import produce_events
@@ -55,27 +56,6 @@ def test_sigterm_checkpoints_and_a_restart_resumes(broker, start_worker, tmp_pat
     assert mine[0]["model_version"].endswith(f"-{mine[0]['steps']}")
 
 
-def _committed(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
-    """The consumer group's committed offset of each task-topic partition ("topic:partition")."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    async def read() -> dict[str, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            out = {}
-            for topic in topics:
-                for p in consumer.partitions_for_topic(topic) or ():
-                    offset = await consumer.committed(TopicPartition(topic, p))
-                    if offset is not None:
-                        out[f"{topic}:{p}"] = offset
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
-
-
 def test_a_killed_trainer_learns_again_from_its_checkpoint_offsets(broker, start_worker, tmp_path) -> None:
     """SIGKILL after a checkpoint: the restart rewinds the task topics to the checkpoint's offsets.
 
@@ -113,7 +93,11 @@ def test_a_killed_trainer_learns_again_from_its_checkpoint_offsets(broker, start
     assert loaded is not None, first.log()[-3000:]
     ckpt = loaded[1]["task_offsets"]
     task_topics = [names.task(t.name) for t in topo.tasks]
-    committed = _committed(broker.bootstrap, names.faust_app_id("all"), task_topics)
+    parts = [(t, p) for t in task_topics for p in range(topo.partitions)]
+    committed = {
+        f"{t}:{p}": o
+        for (t, p), o in asyncio.run(committed_offsets(broker.bootstrap, names.faust_app_id("all"), parts)).items()
+    }
     behind = {tp: committed[tp] - off for tp, off in ckpt.items() if committed.get(tp, 0) > off}
     assert behind, f"nothing was committed past the checkpoint ({ckpt} vs {committed}): the kill came too early"
 
