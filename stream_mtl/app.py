@@ -93,8 +93,10 @@ class Pipeline:
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
         #: the resumed checkpoint's task offsets ("topic:partition" → offset) not yet replayed (``None``: not asked)
         self._replay_from: dict[str, int] | None = None
-        #: task-topic partitions ("topic", partition) assigned to this worker's trainer …
+        #: task-topic partitions ("topic", partition) assigned to this worker's trainer, and in which generation …
         self._task_partitions: set[tuple[str, int]] = set()
+        self._task_generation: int | None = None
+        self._ingest_generation: int | None = None  # the ingest consumer's last generation
         #: … and those of them whose pending examples it holds (restored before their first frame)
         self._pending_ready: set[tuple[str, int]] = set()
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
@@ -347,23 +349,30 @@ class Pipeline:
 
         seek_uncommitted_to_start(app, train_in.topics)
 
-        @app.on_partitions_revoked.connect
-        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
-            if any(tp.topic in self.task_of_topic for tp in revoked):
-                self._replay_from = {}  # only the first assignment after a restart replays what its checkpoint lacks
-
         @app.on_partitions_assigned.connect
         async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
-            # what moved to another worker: its pending examples and resume offsets are that worker's now (a
-            # partition kept across the rebalance was nobody else's in between: its state here is current)
+            # A partition kept from the previous generation was nobody else's in between: its pending examples and
+            # resume offset here are current. Any other partition's are another worker's now (or were meanwhile:
+            # a member dropped from the group and let back in skips a generation), so they are forgotten and, for
+            # what is assigned, read back before its first frame.
             task_of = self.task_of_topic
+            generation = app.consumer_generation_id
+            continuous = self._task_generation is not None and generation == self._task_generation + 1
+            self._task_generation = generation
             mine = {(tp.topic, tp.partition) for tp in assigned if tp.topic in task_of}
-            lost = [(t, task_of[t], p) for t, p in self._task_partitions - mine]
+            kept = self._task_partitions & mine if continuous else set()
+            lost = [(t, task_of[t], p) for t, p in self._task_partitions - kept]
             self._task_partitions = mine
-            self._pending_ready &= mine
-            if lost and not self.trainer.closed:
-                with contextlib.suppress(TrainerError):  # the trainer is gone: nothing to forget
+            self._pending_ready &= kept
+            if self.trainer.closed:
+                return
+            with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
+                if self._replay_from is None:
+                    self._replay_from = await self.trainer.call("take_resume_offsets")
+                if lost:
                     await self.trainer.call("forget_partitions", lost)
+            if self._replay_from:  # only what this worker is assigned is replayed here
+                self._replay_from = {k: v for k, v in self._replay_from.items() if _tp(k) in mine}
 
         @app.task
         async def trainer_started() -> None:
@@ -404,7 +413,8 @@ class Pipeline:
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 pipeline.aligner.paused = False  # a new assignment starts unpaused
-                await pipeline.restore_features([(tp.topic, tp.partition) for tp in assigned])
+                generation = pipeline._consumer._coordinator.generation  # aiokafka's, set before this call
+                await pipeline.restore_features([(tp.topic, tp.partition) for tp in assigned], generation)
                 log.info("ingest.assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
 
         s = self.settings
@@ -431,18 +441,21 @@ class Pipeline:
         topics = [*self.names.sources, *([self.names.labels] if self.late else [])]
         self._consumer.subscribe(topics, listener=Listener())
 
-    async def restore_features(self, assigned: list[tuple[str, int]]) -> None:
+    async def restore_features(self, assigned: list[tuple[str, int]], generation: int | None = None) -> None:
         """The feature state of the assigned source partitions, read from the ``features`` changelog.
 
         Called before the first fetch of a new assignment (aiokafka awaits the listener), so no
         record of a partition is featurised before its state is back. Only partitions this worker did
-        not hold in the previous generation are read (from scratch: what it held of them before may be
-        stale); a partition it kept was nobody else's in between, and its state here is current (each
+        not hold in the previous generation (``generation`` − 1) are read (from scratch: what it held of them
+        before may be stale); a partition it kept was nobody else's in between, and its state here is current (each
         value carries its source offset, so the polls replayed after a refused commit are not counted
         twice). A rebalance then costs a changelog read only for the partitions that moved.
         """
         sources = [(t, p) for t, p in assigned if t in self.names.sources]
-        held = self.ingest.partitions()
+        continuous = generation is not None and self._ingest_generation is not None
+        continuous = continuous and generation == self._ingest_generation + 1  # type: ignore[operator]
+        self._ingest_generation = generation
+        held = self.ingest.partitions() if continuous else set()
         # No poll is featurised while the state is being replaced (the ingest loop takes this lock per poll): a
         # poll processed during the read used a half-restored state and was then overwritten, one poll short.
         async with self._poll_lock:
@@ -641,8 +654,7 @@ class Pipeline:
         first: dict[tuple[str, int], int] = {}
         for topic, partition, offset in positions:
             first.setdefault((topic, partition), offset)
-        assigned = [(tp.topic, tp.partition) for tp in self.app.consumer.assignment() if tp.topic in self.task_of_topic]
-        named = [tp for tp in {*first, *assigned} if f"{tp[0]}:{tp[1]}" in self._replay_from]
+        named = [tp for tp in {*first, *self._task_partitions} if f"{tp[0]}:{tp[1]}" in self._replay_from]
         unseen = [tp for tp in named if tp not in first]
         ends = {
             **(await committed_offsets(self.settings.bootstrap, self.app.conf.id, unseen) if unseen else {}),
@@ -701,8 +713,7 @@ class Pipeline:
         Every task partition assigned now and not restored yet is read in one pass (the first frames of the
         others are usually right behind). Their writers flushed before the rebalance let go of them.
         """
-        assigned = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment() if tp.topic in self.task_of_topic}
-        todo = new | (assigned - self._pending_ready)
+        todo = new | (self._task_partitions - self._pending_ready)
         late = {t.name for t in self.topology.tasks if t.label_ttl_s is not None}
         parts = [(self.task_of_topic[t], p) for t, p in todo if self.task_of_topic[t] in late]
         items: list[tuple[str, bytes]] = []
@@ -830,6 +841,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
+
+
+def _tp(key: str) -> tuple[str, int]:
+    """ "topic:partition" → (topic, partition)."""
+    topic, _, partition = key.rpartition(":")
+    return topic, int(partition)
 
 
 def build_app(topology: Topology, settings: Settings) -> Pipeline:

@@ -53,7 +53,7 @@ async def read_latest(
     timeout: float = 60.0,
     partitions: Iterable[int] | None = None,
 ) -> dict[str, bytes | None]:
-    """Key → latest value (``None``: deleted) over ``partitions`` of ``topic`` (default: all), for keys ``keep``
+    """Key → latest value (deleted keys left out) over ``partitions`` of ``topic`` (default: all), for keys ``keep``
     accepts.
 
     Reads from the beginning until each partition's position reaches the highwater that the
@@ -84,7 +84,11 @@ async def read_latest(
                 records += len(recs)
                 for rec in recs:
                     key = table_key(rec.key)
-                    if keep(key):
+                    if not keep(key):
+                        continue
+                    if rec.value is None:  # a tombstone: the key is gone (keys are not kept forever)
+                        latest.pop(key, None)
+                    else:
                         latest[key] = rec.value
             behind = []
             for tp in tps:
@@ -129,7 +133,7 @@ async def read_ranges(
     The order matters to a restarted trainer's replay: task frames of one ingest poll sit at about the same
     position of each task partition, so taking them round-robin replays the polls in order instead of one
     task's frames ahead of the others'. Yields lists of at most ``chunk`` records; what waits in memory is
-    bounded by a fetch per partition. Raises ``TimeoutError`` if not all are read within ``timeout`` seconds.
+    bounded by a fetch per partition. Raises ``TimeoutError`` when ``timeout`` seconds pass without a record.
     """
     wanted = {TopicPartition(t, p): (start, end) for (t, p), (start, end) in ranges.items() if end > start}
     if not wanted:
@@ -154,6 +158,8 @@ async def read_ranges(
                 consumer.pause(*full)
                 data = await consumer.getmany(timeout_ms=100)
                 consumer.resume(*[tp for tp in full if tp not in fetched])
+                if data:
+                    deadline = time.monotonic() + timeout  # no progress for ``timeout`` s, not the whole read
                 for tp, records in data.items():
                     queues[tp].extend(r for r in records if r.offset < wanted[tp][1])
                 for tp in active:  # read to the end (or the records are gone: retention moved the start past it)

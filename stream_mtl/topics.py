@@ -137,7 +137,12 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
+        # changelogs keep the latest value per key (a restore reads them whole; real Kafka compacts them)
+        new = [
+            NewTopic(name, n, 1, topic_configs={"cleanup.policy": "compact"} if name.endswith("-changelog") else None)
+            for name, n in topics.items()
+            if name not in existing
+        ]
         if new:
             await admin.create_topics(new)
             log.info("topics.created", count=len(new))

@@ -149,6 +149,7 @@ class TrainerSession:
         tensors, manifest = loaded
         self.trainer.restore(tensors, manifest)
         self._resume_offsets = {str(k): int(v) for k, v in manifest.get("task_offsets", {}).items()}
+        self.learned_upto = dict(self._resume_offsets)  # a partition not read again yet still resumes from there
         log.info(
             "checkpoint.resumed",
             step=self.trainer.steps,

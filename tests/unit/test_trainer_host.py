@@ -75,7 +75,10 @@ def test_a_checkpoint_records_where_to_resume_and_a_new_session_takes_it_once(tm
     resumed = TrainerSession(TOPO, store)
     assert resumed.trainer.steps == session.trainer.steps
     assert resumed.take_resume_offsets() == {"host.y0:0": 41, "host.y1:1": 8}
-    assert resumed.take_resume_offsets() == {}  # only the first assignment rewinds
+    assert resumed.take_resume_offsets() == {}  # only the first assignment replays
+    # a partition not read again yet keeps its resume offset in the next checkpoint
+    resumed.process([encode_batch(TaskBatch("y0", ["n"], x[:1], [1.0]))], [("host.y0", 0, 41)])
+    assert resumed.learned_upto == {"host.y0:0": 42, "host.y1:1": 8}
 
 
 def test_the_host_does_not_wait_for_the_session_but_a_failed_build_is_reported(tmp_path) -> None:
