@@ -91,8 +91,8 @@ class Pipeline:
         self.names = TopicNames(topology, settings.app_id)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.ingest = IngestStage(topology, self.names.sources, self.names.labels)
-        #: the resumed checkpoint's task offsets ("topic:partition" → offset) not yet replayed (``None``: not asked)
-        self._replay_from: dict[str, int] | None = None
+        #: the resumed checkpoint's task offsets, (topic, partition) → offset, not yet replayed (``None``: not asked)
+        self._replay_from: dict[tuple[str, int], int] | None = None
         #: task-topic partitions ("topic", partition) assigned to this worker's trainer, and in which generation …
         self._task_partitions: set[tuple[str, int]] = set()
         self._task_generation: int | None = None
@@ -368,11 +368,12 @@ class Pipeline:
                 return
             with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
                 if self._replay_from is None:
-                    self._replay_from = await self.trainer.call("take_resume_offsets")
+                    offsets = await self.trainer.call("take_resume_offsets")
+                    self._replay_from = {_tp(k): v for k, v in offsets.items()}
                 if lost:
                     await self.trainer.call("forget_partitions", lost)
             if self._replay_from:  # only what this worker is assigned is replayed here
-                self._replay_from = {k: v for k, v in self._replay_from.items() if _tp(k) in mine}
+                self._replay_from = {tp: v for tp, v in self._replay_from.items() if tp in mine}
 
         @app.task
         async def trainer_started() -> None:
@@ -604,7 +605,7 @@ class Pipeline:
             new = {(t, p) for t, p, _ in positions} - self._pending_ready
             if new:
                 await self._restore_pending(new)
-        if positions is not None and self._replay_from != {}:
+        if positions is not None and self._replay_from:  # taken at the first assignment
             await self._replay_missed(positions)
         await self._process_frames(values, positions)
 
@@ -645,16 +646,15 @@ class Pipeline:
         processed ahead of the partitions' first frames (predicted again too: at most one checkpoint interval
         of duplicates), then checkpointed. Not a seek below the committed offset: Faust drops records below
         its read offset, which the batch it is still draining raises again (:mod:`stream_mtl.faust_compat`).
-        Only the first assignment replays (a revocation clears what is left).
+        Partitions this worker loses before their first frame leave the replay (see ``on_assigned``).
         """
-        if self._replay_from is None:
-            self._replay_from = await self.trainer.call("take_resume_offsets")
+        assert self._replay_from is not None
         # every assigned partition the checkpoint names, at once (one frame of each in turn): up to the first
         # frame Faust gave us, or for those it has not yet, up to the committed offset it resumes from
         first: dict[tuple[str, int], int] = {}
         for topic, partition, offset in positions:
             first.setdefault((topic, partition), offset)
-        named = [tp for tp in {*first, *self._task_partitions} if f"{tp[0]}:{tp[1]}" in self._replay_from]
+        named = [tp for tp in {*first, *self._task_partitions} if tp in self._replay_from]
         unseen = [tp for tp in named if tp not in first]
         ends = {
             **(await committed_offsets(self.settings.bootstrap, self.app.conf.id, unseen) if unseen else {}),
@@ -662,7 +662,7 @@ class Pipeline:
         }
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in named:
-            start = self._replay_from.pop(f"{tp[0]}:{tp[1]}")
+            start = self._replay_from.pop(tp)
             if tp in ends and start < ends[tp]:
                 ranges[tp] = (start, ends[tp])
         replayed = 0

@@ -232,7 +232,7 @@ class PendingLabels:
         so the state of one partition can be written to, and restored from, that changelog partition.
         """
         index = self._index.get(task)
-        if index:  # a replayed frame (at-least-once): rows already waiting keep their first prediction
+        if index and not index.keys().isdisjoint(ids):  # a frame read again: waiting rows keep their first prediction
             fresh = [i for i, eid in enumerate(ids) if eid not in index]
             if len(fresh) < len(ids):
                 self.counts.setdefault(task, _zero_counts())["replayed"] += len(ids) - len(fresh)
