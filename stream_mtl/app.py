@@ -40,6 +40,7 @@ import numpy as np
 import orjson
 import torch
 from aiokafka.errors import CommitFailedError, KafkaError
+from faust.types import TP
 from mode import Service
 
 from stream_mtl.alignment import LabelAligner
@@ -48,11 +49,15 @@ from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
 from stream_mtl.faust_compat import (
+    ack_offsets,
+    guard_read_offsets,
     keep_subscribed,
+    no_gap_acks,
     seek_uncommitted_to_start,
     set_fetch_max_wait,
     start_with_producer,
 )
+from stream_mtl.frame_order import FrameOrder, Missing
 from stream_mtl.labels import chunk_partition
 from stream_mtl.log import get_logger
 from stream_mtl.outbox import WebhookOutbox
@@ -71,6 +76,10 @@ __all__ = ["Pipeline", "build_app"]
 
 #: Train as soon as no task batch has arrived for this long (a quiet stream still learns).
 IDLE_TRAIN_AFTER_S = 0.2
+
+#: A task partition whose end is past the next frame the trainer expects, with nothing delivered for this long,
+#: had its last frames skipped by Faust: the trainer reads them itself (:mod:`stream_mtl.frame_order`).
+STALLED_AFTER_S = 2.0
 #: Task-batch frames Faust may buffer per stream ahead of the trainer (backpressure bound).
 STREAM_BUFFER_FRAMES = 256
 #: How long the broker may hold a fetch for partitions with nothing new (both consumers; see
@@ -99,6 +108,9 @@ class Pipeline:
         self._ingest_generation: int | None = None  # the ingest consumer's last generation
         #: … and those of them whose pending examples it holds (restored before their first frame)
         self._pending_ready: set[tuple[str, int]] = set()
+        #: where the next frame of each of them must be (Faust can skip frames: see :mod:`stream_mtl.frame_order`)
+        self.order = FrameOrder()
+        self._order_lock = asyncio.Lock()  # the agent's batches and the stall check plan one at a time
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
@@ -150,9 +162,10 @@ class Pipeline:
         if settings.webhook_urls and not self.webhook_secrets:  # before any process or port is started
             raise ValueError(f"webhook_urls are set but ${settings.webhook_secret_env} holds no signing secret")
         app_id, worker, model = self.names.app_id, self.worker_id, self.train_topology
+        group, replay = ProcessGroup.from_settings(settings), settings.checkpoint_interval > 0
         self.trainer: TrainerHost | None = (
             TrainerHost(
-                lambda: TrainerSession(model, checkpoints, app_id, worker, ProcessGroup.from_settings(settings)),
+                lambda: TrainerSession(model, checkpoints, app_id, worker, group, replay=replay),
                 settings.trainer_process,
                 settings.torch_threads,
             )
@@ -293,7 +306,11 @@ class Pipeline:
                 trainer = pipeline.trainer
                 try:
                     if trainer is not None and pipeline.settings.checkpoint_interval > 0 and not trainer.closed:
+                        # what was read is learned and checkpointed, and the pending store written whole: the
+                        # next owner of these partitions starts where this worker stopped
+                        await trainer.call("train")
                         await trainer.call("checkpoint")
+                        await pipeline.hand_over_pending()
                 finally:
                     if trainer is not None:
                         await trainer.aclose()
@@ -348,6 +365,15 @@ class Pipeline:
                     batch.clear()
 
         seek_uncommitted_to_start(app, train_in.topics)
+        guard_read_offsets(app, train_in.topics)
+        no_gap_acks(app, train_in.topics)
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+            if not any(tp.topic in self.task_of_topic for tp in revoked):
+                return  # the first join revokes nothing (and must not wait for the trainer to be built)
+            with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
+                await self.hand_over_pending()
 
         @app.on_partitions_assigned.connect
         async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
@@ -364,6 +390,7 @@ class Pipeline:
             lost = [(t, task_of[t], p) for t, p in self._task_partitions - kept]
             self._task_partitions = mine
             self._pending_ready &= kept
+            self.order.keep_only(kept)
             if self.trainer.closed:
                 return
             with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
@@ -388,6 +415,27 @@ class Pipeline:
         @app.task
         async def subscription_guard() -> None:
             await keep_subscribed(app, train_in.topics)
+
+        @app.timer(STALLED_AFTER_S / 2)
+        async def stall_check() -> None:
+            # the last frames of a partition skipped: no later frame shows the gap, so the partition's end does
+            def quiet() -> bool:
+                idle = time.monotonic() - self.last_batch_at >= STALLED_AFTER_S
+                return idle and train_in.queue.empty() and not app.rebalancing and not self._order_lock.locked()
+
+            if not quiet():
+                return
+            ends = {
+                tp: app.consumer.highwater(TP(*tp)) or 0 for tp in self.order.expected if tp in self._task_partitions
+            }
+            async with self._order_lock:
+                behind = [
+                    Missing(t, p, want, ends[t, p])
+                    for (t, p), want in self.order.expected.items()
+                    if ends.get((t, p), 0) > want
+                ]
+                if behind and not app.rebalancing:
+                    await self._read_missing(behind)
 
         if self.settings.checkpoint_interval > 0:
 
@@ -601,13 +649,59 @@ class Pipeline:
         (at-least-once).
         """
         self.last_batch_at = time.monotonic()
-        if positions is not None and self.late:
-            new = {(t, p) for t, p, _ in positions} - self._pending_ready
-            if new:
-                await self._restore_pending(new)
-        if positions is not None and self._replay_from:  # taken at the first assignment
-            await self._replay_missed(positions)
-        await self._process_frames(values, positions)
+        if positions is None:  # no offsets (unit tests under Faust's test_context): nothing to check
+            await self._process_frames(values, positions)
+            return
+        async with self._order_lock:
+            self.last_batch_at = time.monotonic()
+            new = {tp for tp in self.order.unknown(positions) if tp in self._task_partitions}
+            if new:  # newly assigned: their next frame is where the group committed (Faust resumes there)
+                committed = await committed_offsets(self.settings.bootstrap, self.app.conf.id, sorted(new))
+                self.order.start({tp: committed.get(tp, 0) for tp in new})
+            if self.late:
+                new = {(t, p) for t, p, _ in positions} - self._pending_ready
+                if new:
+                    await self._restore_pending(new)
+            if self._replay_from:  # taken at the first assignment
+                await self._replay_missed(positions)
+            await self._in_order(values, positions)
+
+    async def _in_order(self, values: list[bytes], positions: list[tuple[str, int, int]]) -> None:
+        """Process the frames as :meth:`FrameOrder.plan` says: duplicates left out, skipped frames read first."""
+        steps, dups = self.order.plan(positions)
+        if not dups and len(steps) == len(values):  # the usual batch: every frame where it belongs
+            await self._process_frames(values, positions)
+            return
+        take: list[int] = []
+        for step in steps:
+            if isinstance(step, Missing):
+                if take:
+                    await self._process_frames([values[i] for i in take], [positions[i] for i in take])
+                    take = []
+                await self._read_missing([step])
+            else:
+                take.append(step.index)
+        if take:
+            await self._process_frames([values[i] for i in take], [positions[i] for i in take])
+
+    async def _read_missing(self, missing: list[Missing]) -> None:
+        """Frames Faust skipped: read here, processed, and acknowledged (so the commit may pass them)."""
+        ranges = {(m.topic, m.partition): (m.start, m.end) for m in missing}
+        log.warning("trainer.frames_skipped", partitions={f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()})
+        for m in missing:
+            self.order.start({(m.topic, m.partition): m.end})
+        try:
+            async for records in read_ranges(self.settings.bootstrap, ranges):
+                await self._process_frames(
+                    [r.value for r in records], [(r.topic, r.partition, r.offset) for r in records]
+                )
+                for r in records:
+                    ack_offsets(self.app, r.topic, r.partition, [r.offset])
+        except (KafkaError, TimeoutError) as exc:
+            # not processed and not acknowledged: the commit stops before them and a restart reads them again
+            log.error("trainer.skipped_frames_unread", error=repr(exc))
+            await self.app.crash(exc)
+            raise
 
     async def _process_frames(self, values: list[bytes], positions: list[tuple[str, int, int]] | None) -> None:
         """One trainer call, and everything it gave sent: predictions, expired labels, alerts, pending changes."""
@@ -674,6 +768,7 @@ class Pipeline:
                 replayed += len(records)
         except (KafkaError, TimeoutError) as exc:  # what is left is not learned again; nothing is lost
             log.warning("trainer.replay_failed", frames=replayed, error=repr(exc))
+        self.order.start({tp: end for tp, (_, end) in ranges.items()})  # replayed: not read again as skipped
         if ranges:
             spans = {f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()}
             log.info("trainer.replay_from_checkpoint", partitions=len(ranges), frames=replayed, offsets=spans)
@@ -701,11 +796,23 @@ class Pipeline:
         for eid, record in expired:
             await self.expired_topic.send(key=eid.encode(), value=record)
 
-    async def _write_pending(self, changes: dict[str, bytes | None]) -> None:
-        """Mirror the pending-label store into its changelog, each key to its task partition's partition."""
+    async def _write_pending(self, changes: dict[str, bytes | None]) -> list[Any]:
+        """Mirror the pending-label store into its changelog, each key to its task partition's partition; the
+        send futures."""
         topic = self.pending_changelog
-        for key, value in changes.items():
+        return [
             await topic.send(key=key.encode(), value=value, partition=chunk_partition(key))
+            for key, value in changes.items()
+        ]
+
+    async def hand_over_pending(self) -> None:
+        """Write the pending store whole, held join marks included, and wait for the broker (before a rebalance
+        gives the partitions to another worker, which restores them from the changelog)."""
+        if self.trainer is None or self.trainer.closed or not self.late:
+            return
+        futures = await self._write_pending(await self.trainer.call("handoff"))
+        if futures:
+            await asyncio.gather(*futures)
 
     async def _restore_pending(self, new: set[tuple[str, int]]) -> None:
         """Before the first frame of newly assigned task partitions: their pending examples, from the changelog.

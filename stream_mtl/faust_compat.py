@@ -19,6 +19,21 @@ committed offset: records of the batch Faust is still draining raise its read of
 drops the re-fetched older records as already read. So a restarted trainer that must re-learn what its
 checkpoint lacks reads those frames itself (:meth:`stream_mtl.app.Pipeline.on_task_batches`).
 
+Faust's record of how far it has read a partition (``Consumer._read_offset``) decides which fetched records it
+drops as already read and which offset gaps it counts as acknowledged. A rebalance clears it for the revoked
+partitions, but the fetch loop may still be handing over a record when the flow stops (the agent's queue was
+full): it then records that record's offset as read although the record was never delivered. When the
+partition comes back after the rebalance, its first records (from the committed offset) fall below that stale
+offset and are dropped, and the offsets between are later counted as an acknowledged gap: Faust commits past
+frames nobody processed (found by the scale-out test: three frames of one partition lost when a worker rejoined a
+generation late). :func:`guard_read_offsets` ignores such writes while the flow is stopped.
+
+Records can also be skipped without a stale offset: those fetched while the app's flow control is still
+paused after a rebalance are dropped by the stream after the consumer counted them as read. So for the task
+topics Faust must not count gaps as acknowledged at all (:func:`no_gap_acks`): the trainer checks the
+offsets it is handed (:mod:`stream_mtl.frame_order`), reads skipped frames itself and acknowledges them
+(:func:`ack_offsets`), and a commit never passes a frame that was not processed.
+
 Faust starts ``@app.service`` services and ``@app.task`` tasks only once its own tables are recovered,
 after its consumer group join (the embedded broker holds every join ~1 s) and the table manager's 1 s
 start-up pause. :func:`start_with_producer` starts a service right after the app's producer instead: the
@@ -38,6 +53,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 import faust
+from faust.types import TP, Message
 from mode import Service
 
 from stream_mtl.log import get_logger
@@ -45,8 +61,11 @@ from stream_mtl.log import get_logger
 log = get_logger(__name__)
 
 __all__ = [
+    "ack_offsets",
+    "guard_read_offsets",
     "keep_subscribed",
     "missing_subscriptions",
+    "no_gap_acks",
     "seek_uncommitted_to_start",
     "set_fetch_max_wait",
     "start_with_producer",
@@ -131,3 +150,58 @@ def seek_uncommitted_to_start(app: faust.App, topics: Iterable[str]) -> None:
         return committed
 
     consumer.seek_to_committed = seek_with_start
+
+
+class _FlowGuardedOffsets(dict):
+    """``Consumer._read_offset`` that ignores writes for ``topics`` while the consumer's flow is stopped.
+
+    ``None`` for a partition not read yet (Faust's ``defaultdict`` default). ``dict.update`` (how Faust's
+    ``perform_seek`` records the committed offsets) is not guarded.
+    """
+
+    def __init__(self, consumer: object, topics: frozenset[str]):
+        super().__init__()
+        self._consumer = consumer
+        self._topics = topics
+
+    def __missing__(self, tp: object) -> None:
+        return None
+
+    def __setitem__(self, tp: object, offset: int | None) -> None:
+        if getattr(self._consumer, "flow_active", True) or getattr(tp, "topic", None) not in self._topics:
+            super().__setitem__(tp, offset)
+
+
+def guard_read_offsets(app: faust.App, topics: Iterable[str]) -> None:
+    """Keep the app's read offsets of ``topics`` to records actually delivered (see the module doc).
+
+    Call before the app starts.
+    """
+    consumer = app.consumer
+    guarded = _FlowGuardedOffsets(consumer, frozenset(topics))
+    guarded.update(consumer._read_offset)
+    consumer._read_offset = guarded
+
+
+def no_gap_acks(app: faust.App, topics: Iterable[str]) -> None:
+    """Never count offset gaps of ``topics`` as acknowledged (see the module doc); other topics keep Faust's rule.
+
+    Call before the app starts. The task topics are neither compacted nor transactional: their offsets have
+    no gaps of their own.
+    """
+    topics = frozenset(topics)
+    consumer = app.consumer
+    add_gap = consumer._add_gap
+
+    async def add_gap_elsewhere(tp: TP, offset_from: int, offset_to: int) -> None:
+        if tp.topic not in topics:
+            await add_gap(tp, offset_from, offset_to)
+
+    consumer._add_gap = add_gap_elsewhere
+
+
+def ack_offsets(app: faust.App, topic: str, partition: int, offsets: Iterable[int]) -> None:
+    """Acknowledge records the worker processed without Faust delivering them (read by the trainer itself)."""
+    consumer = app.consumer
+    for offset in offsets:
+        consumer.ack(Message(topic, partition, offset, 0.0, 0, [], None, None, None))

@@ -54,6 +54,7 @@ from stream_mtl.codec import decode_batch
 from stream_mtl.distributed import ProcessGroup, check_topology
 from stream_mtl.distributed import init as join_group
 from stream_mtl.distributed import shutdown as leave_group
+from stream_mtl.held_writes import HeldWrites
 from stream_mtl.log import get_logger
 from stream_mtl.topology import DriftSpec, Topology
 from stream_mtl.trainer import Trainer
@@ -99,6 +100,7 @@ class TrainerSession:
         seed: int = 0,
         clock: Callable[[], float] = time.time,
         device: str | None = None,
+        replay: bool = False,
     ):
         self.topology = topology
         self.app = app or topology.name
@@ -126,6 +128,10 @@ class TrainerSession:
         self.learned_upto: dict[str, int] = {}
         #: the resumed checkpoint's ``learned_upto``, until the worker's first assignment takes it
         self._resume_offsets: dict[str, int] = {}
+        #: ``replay``: a restart replays from the checkpoint's offsets, so the pending store's closing writes
+        #: wait for a checkpoint past their frame (:mod:`stream_mtl.held_writes`); distributed, nothing replays
+        self.held = HeldWrites() if replay and self.group is None else None
+        self._out: dict[str, bytes | None] = {}  # pending-store writes for the next call's reply
         if self.group is None:
             self.checkpointed_step = self._resume()
             return
@@ -321,8 +327,24 @@ class TrainerSession:
                     self._wake.set()  # the lockstep thread trains, with the other ranks
             if self.group is None and tr.pending() == 0:
                 self.learned_upto.update(self._read)  # every row read so far is in the weights
+            if self.held is not None and positions is not None:
+                self._out.update(self.held.hold(f"{topic}:{batch.partition}", offset, tr.pending_labels.changes()))
         alerts = self._feedback(tr.drift.drain())
-        return out, tr.pending_labels.changes(), [a.to_json() for a in alerts]
+        return out, self._writes(), [a.to_json() for a in alerts]
+
+    def _writes(self) -> dict[str, bytes | None]:
+        """The pending-store writes to send now: released held ones, then the store's newest changes."""
+        changes = self.trainer.pending_labels.changes()
+        if self.held is not None:
+            self.held.supersede(set(changes))
+        out, self._out = {**self._out, **changes}, {}
+        return out
+
+    def handoff(self) -> dict[str, bytes | None]:
+        """Every pending-store write, held ones included: the partitions are handed over (rebalance, clean stop)."""
+        if self.held is not None:
+            self._out.update(self.held.release_all())
+        return self._writes()
 
     def _round_complete(self, round_id: str, size: int) -> bool:
         """Whether this frame is the last of its round to arrive (rounds kept open are bounded)."""
@@ -388,7 +410,7 @@ class TrainerSession:
     def sweep(self) -> tuple[Expired, dict[str, bytes | None]]:
         """Expire pending examples past their task's label TTL."""
         expired = self.trainer.pending_labels.sweep()
-        return [(e.id, e.to_json()) for e in expired], self.trainer.pending_labels.changes()
+        return [(e.id, e.to_json()) for e in expired], self._writes()
 
     def train(self) -> int:
         """Train on whatever the buffers hold; the steps taken (distributed: wakes the lockstep thread, 0)."""
@@ -417,6 +439,8 @@ class TrainerSession:
         for topic, _task, partition in partitions:
             self._read.pop(f"{topic}:{partition}", None)
             self.learned_upto.pop(f"{topic}:{partition}", None)
+        if self.held is not None:
+            self.held.discard_partitions({f"{topic}:{partition}" for topic, _task, partition in partitions})
         return self.trainer.pending_labels.drop_partitions({(task, p) for _topic, task, p in partitions})
 
     def restore_pending(self, items: list[tuple[str, bytes]], parts: list[tuple[str, int]]) -> int:
@@ -433,6 +457,8 @@ class TrainerSession:
             state["task_offsets"] = dict(self.learned_upto)
         path = self.checkpoints.save(tr.state_tensors(), state)
         self.checkpointed_step = tr.steps
+        if self.held is not None:  # what this checkpoint learned is not replayed: its rows' join marks can go out
+            self._out.update(self.held.release(self.learned_upto))
         log.info("checkpoint.saved", step=tr.steps, file=path.name)
         return path.name
 
@@ -445,6 +471,11 @@ class TrainerSession:
             "checkpointed_step": self.checkpointed_step,
             "device": str(tr.device),
             "timings_s": dict(tr.timings),
+            **(
+                {"held_writes": {"frames": len(self.held), "released_early": self.held.released_early}}
+                if self.held is not None
+                else {}
+            ),
             **(
                 {
                     "distributed": {

@@ -37,6 +37,7 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
     ):
         self.app_id = app_id or f"t{uuid.uuid4().hex[:8]}"
+        self._stopped = False
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -73,11 +74,16 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def died(self) -> bool:
+        """Exited on its own (not stopped by the test) with a failure status."""
+        return not self._stopped and self.proc.poll() not in (None, 0)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
+            self._stopped = True
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
@@ -102,4 +108,7 @@ def start_worker(broker: EmbeddedBroker, tmp_path: Path) -> Iterator:
 
     yield start
     for w in workers:
+        if w.died():  # a worker that crashed on its own: show why (pytest prints this with the failure)
+            print(f"--- worker {w.proc.pid} exited {w.proc.returncode}; last lines of {w.log_path}:")
+            print("\n".join(w.log().splitlines()[-60:]))
         w.stop()

@@ -66,3 +66,43 @@ async def read_frames(bootstrap: str, ranges: dict[str, tuple[int, int]]) -> lis
 
     parts = {(k.rpartition(":")[0], int(k.rpartition(":")[2])): r for k, r in ranges.items()}
     return [decode_batch(r.value) async for records in read_ranges(bootstrap, parts, timeout=30) for r in records]
+
+
+async def locate_rows(bootstrap: str, names: Any, ids: set[tuple[str, str]], group: str) -> list[str]:
+    """Where the task frames holding (event id, task) ``ids`` sit, next to the group's committed offsets: says
+    whether a missing prediction's frame was never written or was committed past without being processed."""
+    from stream_mtl.changelog import committed_offsets
+    from stream_mtl.codec import decode_batch
+
+    out = []
+    tasks = sorted({task for _, task in ids})
+    for task in tasks:
+        topic = names.task(task)
+        want = {eid for eid, t in ids if t == task}
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning()
+            ends = await consumer.end_offsets(tps)
+            hits: list[tuple[int, int, int]] = []
+            todo = {tp for tp in tps if ends[tp] > 0}
+            while todo:
+                data = await consumer.getmany(timeout_ms=500)
+                todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+                for tp, rs in data.items():
+                    for r in rs:
+                        batch = decode_batch(r.value)
+                        n = sum(1 for i in batch.ids if i in want)
+                        if n:
+                            hits.append((tp.partition, r.offset, n))
+        finally:
+            await consumer.stop()
+        committed = await committed_offsets(bootstrap, group, [(topic, p) for p in sorted(parts)])
+        ends_by_p = {tp.partition: e for tp, e in ends.items()}
+        out.append(f"{topic}: frames (partition, offset, rows) {hits}; committed {committed}; ends {ends_by_p}")
+    return out
+

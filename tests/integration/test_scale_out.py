@@ -23,7 +23,7 @@ from stream_mtl.produce import produce_events
 from stream_mtl.synthetic import SyntheticStream
 from stream_mtl.topics import TopicNames, create_topics
 from stream_mtl.topology import load_topology
-from tests.integration.kafka_helpers import expected_predictions, read_topic
+from tests.integration.kafka_helpers import expected_predictions, locate_rows, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,10 @@ def _predicted(bootstrap: str, names: TopicNames, want: set, alive, timeout: flo
         missing = want - counts.keys()
         by_task = Counter(task for _, task in missing)
         sample = sorted(missing)[:5]
-        raise AssertionError(f"{len(missing)} predictions missing, per task {dict(by_task)}: {sample}") from exc
+        where = asyncio.run(locate_rows(bootstrap, names, missing, names.app_id))
+        raise AssertionError(
+            f"{len(missing)} predictions missing, per task {dict(by_task)}: {sample}\n" + "\n".join(where)
+        ) from exc
     return counts
 
 

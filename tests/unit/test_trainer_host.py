@@ -138,3 +138,43 @@ def test_the_trainer_process_exits_when_its_worker_is_killed(tmp_path) -> None:
         pytest.fail(f"trainer process {child} outlived its worker")
     finally:
         worker.kill()
+
+
+def test_labels_joined_after_the_checkpoint_are_learned_again_when_a_crash_replays_them(tmp_path) -> None:
+    """The pending changelog does not run ahead of the checkpoint: a replayed label joins its row again."""
+    from stream_mtl.codec import label_batch
+
+    gen = SyntheticStream(n_features=4, n_binary=1, n_regression=1, late={"r0": 1.0}, seed=3)
+    topo = synthetic_topology(gen, name="held", batch_size=4)
+    store = CheckpointStore(tmp_path, topo.spec_hash())
+    changelog: dict[str, bytes | None] = {}  # the pending changelog, as the worker writes it
+
+    def run(session: TrainerSession, frames: list[tuple[int, bytes]]) -> None:
+        for offset, frame in frames:
+            changelog.update(session.process([frame], [("held.r0", 0, offset)])[1])
+
+    def examples(ids: list[str]) -> bytes:
+        x = np.random.default_rng(len(ids)).normal(size=(len(ids), 4)).astype(np.float32)
+        return encode_batch(TaskBatch("r0", ids, x, [None] * len(ids)))
+
+    def labels(ids: list[str]) -> bytes:
+        return encode_batch(label_batch("r0", ids, [1.0] * len(ids), [0.0] * len(ids), [None] * len(ids)))
+
+    session = TrainerSession(topo, store, replay=True)
+    run(session, [(0, examples(["a", "b", "c", "d"])), (1, labels(["a", "b"]))])
+    assert session.checkpoint() is not None  # learned up to offset 2: the joins of a and b go out
+    run(session, [(2, labels(["c"]))])  # c is learned after the checkpoint …
+    changelog.update(session.sweep()[1])
+    assert session.trainer.pending_labels.counts["r0"]["joined"] == 3
+    # … and the worker crashes: the changelog says c still waits, as the checkpoint does
+    resumed = TrainerSession(topo, store, replay=True)
+    assert resumed.take_resume_offsets() == {"held.r0:0": 2}
+    resumed.restore_pending([(k, v) for k, v in changelog.items() if v is not None], [("r0", 0)])
+    assert resumed.trainer.pending_labels.rows == 2  # c and d
+    run(resumed, [(2, labels(["c"]))])  # the replay
+    counts = resumed.trainer.pending_labels.counts["r0"]
+    assert counts["joined"] == 1 and counts["duplicate"] == 0
+    # a hand-over (rebalance, clean stop) writes everything held: the next owner does not replay
+    handed = resumed.handoff()
+    assert [orjson.loads(v) for k, v in handed.items() if k.endswith(":joined")] == [[0, 1, 2]]  # a, b, c joined
+    assert len(resumed.held) == 0 and resumed.handoff() == {}
