@@ -391,6 +391,7 @@ class Pipeline:
             self._task_partitions = mine
             self._pending_ready &= kept
             self.order.keep_only(kept)
+            self.last_batch_at = time.monotonic()  # the stall check gives Faust time to resume the partitions
             if self.trainer.closed:
                 return
             with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
@@ -435,7 +436,7 @@ class Pipeline:
                     if ends.get((t, p), 0) > want
                 ]
                 if behind and not app.rebalancing:
-                    await self._read_missing(behind)
+                    await self._read_missing(behind, "stalled")
 
         if self.settings.checkpoint_interval > 0:
 
@@ -653,7 +654,6 @@ class Pipeline:
             await self._process_frames(values, positions)
             return
         async with self._order_lock:
-            self.last_batch_at = time.monotonic()
             new = {tp for tp in self.order.unknown(positions) if tp in self._task_partitions}
             if new:  # newly assigned: their next frame is where the group committed (Faust resumes there)
                 committed = await committed_offsets(self.settings.bootstrap, self.app.conf.id, sorted(new))
@@ -678,16 +678,20 @@ class Pipeline:
                 if take:
                     await self._process_frames([values[i] for i in take], [positions[i] for i in take])
                     take = []
-                await self._read_missing([step])
+                await self._read_missing([step], "gap")
             else:
                 take.append(step.index)
         if take:
             await self._process_frames([values[i] for i in take], [positions[i] for i in take])
 
-    async def _read_missing(self, missing: list[Missing]) -> None:
-        """Frames Faust skipped: read here, processed, and acknowledged (so the commit may pass them)."""
+    async def _read_missing(self, missing: list[Missing], seen: str) -> None:
+        """Frames Faust skipped: read here, processed, and acknowledged (so the commit may pass them).
+
+        ``seen``: how the skip showed, "gap" (a later frame came) or "stalled" (the partition's end is further).
+        """
         ranges = {(m.topic, m.partition): (m.start, m.end) for m in missing}
-        log.warning("trainer.frames_skipped", partitions={f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()})
+        spans = {f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()}
+        log.warning("trainer.frames_skipped", seen=seen, partitions=spans)
         for m in missing:
             self.order.start({(m.topic, m.partition): m.end})
         try:

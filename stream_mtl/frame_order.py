@@ -3,7 +3,7 @@
 Faust can skip records of a partition after a rebalance and still commit past them: records fetched while
 a stream's flow is paused are dropped by the stream, yet its consumer has counted them as read, and it
 then counts the offsets between its committed position and the next delivered record as an acknowledged
-gap (faust-streaming 0.15; the scale-out test lost a frame this way about one run in ten). The trainer
+gap (faust-streaming 0.15; the scale-out test lost frames this way in 1 run of 11). The trainer
 agent therefore keeps, per task partition it owns, the offset of the next frame it must see, and plans
 each batch against it (:meth:`FrameOrder.plan`):
 
