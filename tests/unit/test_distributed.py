@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import os
 import socket
 import time
 from pathlib import Path
@@ -111,6 +112,10 @@ def _trainer_rank(rank: int, init_method: str, out: str) -> None:
         _save(Path(out) / f"solo-{rank}", tr.model.state_dict(), {})
     finally:
         distributed.shutdown()
+    # Exit as the worker's trainer processes do (forked: os._exit, no interpreter finalisation). A spawned
+    # process finalises the interpreter, and gloo's threads still holding tensors of the DDP objects then
+    # can abort it ("terminate called without an active exception", exit -6; seen in a full suite run).
+    os._exit(0)
 
 
 def _session_rank(rank: int, init_method: str, ckpt_dir: str, out: str, barrier: Any) -> None:
