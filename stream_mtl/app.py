@@ -761,8 +761,11 @@ class Pipeline:
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in named:
             start = self._replay_from.pop(tp)
-            if tp in ends and start < ends[tp]:
-                ranges[tp] = (start, ends[tp])
+            # not past the committed offset: frames from there on are Faust's to deliver (or, skipped, the frame
+            # order's to read and acknowledge); the replay's own are below the commit and need no ack
+            end = min(ends.get(tp, start), self.order.expected.get(tp, ends.get(tp, start)))
+            if start < end:
+                ranges[tp] = (start, end)
         replayed = 0
         try:
             async for records in read_ranges(self.settings.bootstrap, ranges):
@@ -772,7 +775,6 @@ class Pipeline:
                 replayed += len(records)
         except (KafkaError, TimeoutError) as exc:  # what is left is not learned again; nothing is lost
             log.warning("trainer.replay_failed", frames=replayed, error=repr(exc))
-        self.order.start({tp: end for tp, (_, end) in ranges.items()})  # replayed: not read again as skipped
         if ranges:
             spans = {f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()}
             log.info("trainer.replay_from_checkpoint", partitions=len(ranges), frames=replayed, offsets=spans)

@@ -127,8 +127,14 @@ def test_ingest_and_trainer_roles_split_the_work(broker, start_worker) -> None:
     asyncio.run(produce_events(broker.bootstrap, names, items, malformed=3))
     counts = _predicted(broker.bootstrap, names, want, lambda: ingest.alive() and trainer.alive())
     assert set(counts) == want
-    snaps = _snapshots(broker.bootstrap, names, lambda s: {x["role"] for x in s.values()} == {"ingest", "trainer"})
-    by_role = {s["role"]: s for s in snaps.values()}
+
+    def settled(s: dict[str, dict]) -> bool:  # each role's latest snapshot from after the stream was through
+        roles = {x["role"]: x for x in s.values()}
+        if roles.keys() != {"ingest", "trainer"}:
+            return False
+        return roles["ingest"]["events"] == 10_000 and roles["trainer"]["steps"] > 0
+
+    by_role = {s["role"]: s for s in _snapshots(broker.bootstrap, names, settled).values()}
     assert by_role["ingest"]["events"] == 10_000 and by_role["ingest"]["dlq"] == 3
     assert sum(by_role["ingest"]["predicted"].values()) == 0 and by_role["ingest"]["trainer_pid"] is None
     assert by_role["trainer"]["events"] == 0 and by_role["trainer"]["steps"] > 0
