@@ -49,6 +49,7 @@ from stream_mtl.checkpoint import CheckpointStore
 from stream_mtl.distributed import ProcessGroup
 from stream_mtl.drift import FeatureDriftMonitor
 from stream_mtl.faust_compat import (
+    ack_gone,
     ack_offsets,
     guard_read_offsets,
     keep_subscribed,
@@ -80,13 +81,13 @@ IDLE_TRAIN_AFTER_S = 0.2
 #: A task partition whose end is past the next frame the trainer expects, with nothing delivered for this long,
 #: had its last frames skipped by Faust: the trainer reads them itself (:mod:`stream_mtl.frame_order`).
 STALLED_AFTER_S = 2.0
+#: Frames per partition one stall check reads at most (the next check reads on).
+STALL_READ_FRAMES = 256
 #: Task-batch frames Faust may buffer per stream ahead of the trainer (backpressure bound).
 STREAM_BUFFER_FRAMES = 256
 #: How long the broker may hold a fetch for partitions with nothing new (both consumers; see
 #: :mod:`stream_mtl.faust_compat`): an idle partition must not hold back a busy one.
 FETCH_MAX_WAIT_MS = 20
-#: Task frames handed to the trainer process per call at most (as many as Faust has ready).
-TAKE_FRAMES = 16
 #: Seconds between webhook delivery rounds (what is due in the outbox).
 WEBHOOK_ROUND_S = 0.25
 
@@ -111,6 +112,7 @@ class Pipeline:
         #: where the next frame of each of them must be (Faust can skip frames: see :mod:`stream_mtl.frame_order`)
         self.order = FrameOrder()
         self._order_lock = asyncio.Lock()  # the agent's batches and the stall check plan one at a time
+        self._agent_queue: Any = None  # the trainer agent's stream queue (frames Faust delivered, not yet taken)
         self.loop_lag_max = 0.0  # since the last metrics snapshot (s)
         self.loop_lag_mean = 0.0  # exponentially weighted (s)
         self.aligner = LabelAligner()
@@ -350,19 +352,16 @@ class Pipeline:
 
         @app.agent(train_in, name=f"{self.names.app_id}.trainer")
         async def trainer_agent(stream: faust.StreamT) -> None:
-            # The frames that are ready, in one trainer call, acked once it returns. Not Faust's stream.take():
-            # when its timeout fires while a value is being added, a value can land in the batch being handed
-            # out and be cleared unprocessed (its event acked), and the stream stalled in the roles test.
-            batch: list[Any] = []
-            queue = train_in.queue
+            # One frame per trainer call, acked once it returns. Not Faust's stream.take(): when its timeout fires
+            # while a value is being added, a value can land in the batch being handed out and be cleared
+            # unprocessed (its event acked), and the stream stalled in the roles test. Nor a batch of what the
+            # queue holds: a rebalance clears the queue, and frames held back for a batch would never be acked
+            # (Faust's revoke waits for them). The stream's own queue (not the topic's) says whether frames wait.
+            self._agent_queue = stream.channel.queue
             async for event in stream.noack().events():
-                batch.append(event)
-                if len(batch) >= TAKE_FRAMES or queue.empty():
-                    positions = [(e.message.topic, e.message.partition, e.message.offset) for e in batch]
-                    await self.on_task_batches([e.value for e in batch], positions)
-                    for e in batch:
-                        await stream.ack(e)
-                    batch.clear()
+                message = event.message
+                await self.on_task_batches([event.value], [(message.topic, message.partition, message.offset)])
+                await stream.ack(event)
 
         seek_uncommitted_to_start(app, train_in.topics)
         guard_read_offsets(app, train_in.topics)
@@ -372,8 +371,11 @@ class Pipeline:
         async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
             if not any(tp.topic in self.task_of_topic for tp in revoked):
                 return  # the first join revokes nothing (and must not wait for the trainer to be built)
-            with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
-                await self.hand_over_pending()
+            # after a stall check's read (it stops at its next chunk once the rebalance began): nothing of a
+            # revoked partition is processed after the hand-over
+            async with self._order_lock:
+                with contextlib.suppress(TrainerError):  # the trainer is gone: the agent's next call crashes the worker
+                    await self.hand_over_pending()
 
         @app.on_partitions_assigned.connect
         async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
@@ -422,7 +424,8 @@ class Pipeline:
             # the last frames of a partition skipped: no later frame shows the gap, so the partition's end does
             def quiet() -> bool:
                 idle = time.monotonic() - self.last_batch_at >= STALLED_AFTER_S
-                return idle and train_in.queue.empty() and not app.rebalancing and not self._order_lock.locked()
+                waiting = self._agent_queue is not None and not self._agent_queue.empty()
+                return idle and not waiting and not app.rebalancing and not self._order_lock.locked()
 
             if not quiet():
                 return
@@ -430,13 +433,13 @@ class Pipeline:
                 tp: app.consumer.highwater(TP(*tp)) or 0 for tp in self.order.expected if tp in self._task_partitions
             }
             async with self._order_lock:
-                behind = [
-                    Missing(t, p, want, ends[t, p])
+                behind = [  # bounded per check: a rebalance waits for the read in progress
+                    Missing(t, p, want, min(ends[t, p], want + STALL_READ_FRAMES))
                     for (t, p), want in self.order.expected.items()
                     if ends.get((t, p), 0) > want
                 ]
                 if behind and not app.rebalancing:
-                    await self._read_missing(behind, "stalled")
+                    await self._read_missing(behind, "stalled", stoppable=True)
 
         if self.settings.checkpoint_interval > 0:
 
@@ -664,7 +667,13 @@ class Pipeline:
                     await self._restore_pending(new)
             if self._replay_from:  # taken at the first assignment
                 await self._replay_missed(positions)
-            await self._in_order(values, positions)
+            try:
+                await self._in_order(values, positions)
+            except BaseException:
+                # the plan moved the expectations past these frames, which are not all processed (nor acked):
+                # forgotten, the next frame of each partition looks where the group committed again
+                self.order.forget({(t, p) for t, p, _ in positions})
+                raise
 
     async def _in_order(self, values: list[bytes], positions: list[tuple[str, int, int]]) -> None:
         """Process the frames as :meth:`FrameOrder.plan` says: duplicates left out, skipped frames read first."""
@@ -684,28 +693,44 @@ class Pipeline:
         if take:
             await self._process_frames([values[i] for i in take], [positions[i] for i in take])
 
-    async def _read_missing(self, missing: list[Missing], seen: str) -> None:
+    async def _read_missing(self, missing: list[Missing], seen: str, stoppable: bool = False) -> None:
         """Frames Faust skipped: read here, processed, and acknowledged (so the commit may pass them).
 
         ``seen``: how the skip showed, "gap" (a later frame came) or "stalled" (the partition's end is further).
+        Offsets the read does not find are gone (retention): they are acknowledged as Faust's own gaps.
+        ``stoppable`` (the stall check's reads, which nothing follows): a rebalance stops the read between
+        chunks; what is left unread is not acknowledged (the next owner, or this worker again, reads it from
+        the commit). A gap's read is not stopped: the frame after it must not be processed without it.
         """
         ranges = {(m.topic, m.partition): (m.start, m.end) for m in missing}
         spans = {f"{t}:{p}": f"{a}..{b}" for (t, p), (a, b) in ranges.items()}
         log.warning("trainer.frames_skipped", seen=seen, partitions=spans)
-        for m in missing:
-            self.order.start({(m.topic, m.partition): m.end})
+        generation = self.app.consumer_generation_id
+        cursor = {tp: start for tp, (start, _) in ranges.items()}  # the next offset the read should find
         try:
             async for records in read_ranges(self.settings.bootstrap, ranges):
+                if stoppable and (self.app.rebalancing or self.app.consumer_generation_id != generation):
+                    log.warning("trainer.skipped_read_stopped", reason="rebalance")
+                    return
                 await self._process_frames(
                     [r.value for r in records], [(r.topic, r.partition, r.offset) for r in records]
                 )
                 for r in records:
+                    tp = (r.topic, r.partition)
+                    if r.offset > cursor[tp]:
+                        await ack_gone(self.app, r.topic, r.partition, cursor[tp], r.offset)
                     ack_offsets(self.app, r.topic, r.partition, [r.offset])
+                    cursor[tp] = r.offset + 1
+                    self.order.start({tp: cursor[tp]})
         except (KafkaError, TimeoutError) as exc:
             # not processed and not acknowledged: the commit stops before them and a restart reads them again
             log.error("trainer.skipped_frames_unread", error=repr(exc))
             await self.app.crash(exc)
             raise
+        for (t, p), (_, end) in ranges.items():  # read to the end: what was not found is gone
+            if cursor[t, p] < end:
+                await ack_gone(self.app, t, p, cursor[t, p], end)
+            self.order.start({(t, p): end})
 
     async def _process_frames(self, values: list[bytes], positions: list[tuple[str, int, int]] | None) -> None:
         """One trainer call, and everything it gave sent: predictions, expired labels, alerts, pending changes."""

@@ -61,6 +61,7 @@ from stream_mtl.log import get_logger
 log = get_logger(__name__)
 
 __all__ = [
+    "ack_gone",
     "ack_offsets",
     "guard_read_offsets",
     "keep_subscribed",
@@ -198,6 +199,16 @@ def no_gap_acks(app: faust.App, topics: Iterable[str]) -> None:
             await add_gap(tp, offset_from, offset_to)
 
     consumer._add_gap = add_gap_elsewhere
+    consumer._faust_add_gap = add_gap  # for offsets known to be gone (ack_gone)
+
+
+async def ack_gone(app: faust.App, topic: str, partition: int, start: int, end: int) -> None:
+    """Count offsets ``[start, end)`` that hold no record any more (retention deleted them) as acknowledged:
+    Faust's own gap, so a commit may pass them."""
+    consumer = app.consumer
+    add_gap = getattr(consumer, "_faust_add_gap", consumer._add_gap)
+    if start < end:
+        await add_gap(TP(topic, partition), start, end - 1)
 
 
 def ack_offsets(app: faust.App, topic: str, partition: int, offsets: Iterable[int]) -> None:

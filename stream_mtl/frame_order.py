@@ -67,6 +67,11 @@ class FrameOrder:
         for tp, offset in offsets.items():
             self.expected[tp] = max(offset, self.expected.get(tp, offset))
 
+    def forget(self, partitions: set[tuple[str, int]]) -> None:
+        """No expectation for these partitions any more (their frames were planned but not all processed)."""
+        for tp in partitions:
+            self.expected.pop(tp, None)
+
     def keep_only(self, partitions: set[tuple[str, int]]) -> None:
         """Forget the partitions not in ``partitions`` (they were revoked, or not held without a break)."""
         for tp in list(self.expected):

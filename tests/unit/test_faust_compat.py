@@ -78,3 +78,19 @@ async def test_task_topic_gaps_are_never_acknowledged_and_records_read_aside_can
     assert consumer._new_offset(tp) is None  # 13–15 unprocessed: no commit past them
     ack_offsets(app, "t", 0, [13, 14, 15])  # the trainer read and processed them itself
     assert consumer._new_offset(tp) == 17
+
+
+async def test_offsets_retention_deleted_are_acknowledged_as_gone() -> None:
+    from faust.types import TP
+
+    from stream_mtl.faust_compat import ack_gone, ack_offsets, no_gap_acks
+
+    app = faust.App("compat5", broker="kafka://127.0.0.1:1", autodiscover=False, web_enabled=False)
+    no_gap_acks(app, ["t"])
+    app.topics._acking_topics.add("t")
+    consumer, tp = app.consumer, TP("t", 0)
+    consumer._committed_offset[tp] = 13
+    ack_offsets(app, "t", 0, [20])  # the log now starts at 20: 13–19 were deleted before anyone read them
+    assert consumer._new_offset(tp) is None
+    await ack_gone(app, "t", 0, 13, 20)
+    assert consumer._new_offset(tp) == 21
