@@ -646,9 +646,10 @@ class Pipeline:
     async def on_task_batches(self, values: list[bytes], positions: list[tuple[str, int, int]] | None = None) -> None:
         """Predict, emit predictions, buffer; train once a round of task batches is complete.
 
-        ``values`` are the task frames Faust had ready, in order, handed to the trainer process in
-        one call. A ``labels`` frame is joined to the pending examples instead; labels that found
-        none go to ``<app>.labels.expired``. Outputs are sent without waiting: Faust acks the
+        ``values``: task frames in the order read (the agent hands over one at a time), ``positions``
+        their (topic, partition, offset), checked against the frame order first (skipped frames read,
+        duplicates left out). A ``labels`` frame is joined to the pending examples instead; labels that
+        found none go to ``<app>.labels.expired``. Outputs are sent without waiting: Faust acks the
         frames after this returns and flushes its producer before it commits their offsets
         (at-least-once).
         """
