@@ -446,6 +446,8 @@ class Pipeline:
             @app.timer(self.settings.checkpoint_interval)
             async def checkpoint_timer() -> None:
                 await self.trainer.call("checkpoint")
+                if self.late:  # the join marks this checkpoint covers go out now, not with the next trainer reply
+                    await self._write_pending(await self.trainer.call("writes"))
 
     def close(self) -> None:
         """Release the trainer process and the report pool (idempotent; after the event loop has stopped)."""

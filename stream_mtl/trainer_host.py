@@ -330,9 +330,9 @@ class TrainerSession:
             if self.held is not None and positions is not None:
                 self._out.update(self.held.hold(f"{topic}:{batch.partition}", offset, tr.pending_labels.changes()))
         alerts = self._feedback(tr.drift.drain())
-        return out, self._writes(), [a.to_json() for a in alerts]
+        return out, self.writes(), [a.to_json() for a in alerts]
 
-    def _writes(self) -> dict[str, bytes | None]:
+    def writes(self) -> dict[str, bytes | None]:
         """The pending-store writes to send now: released held ones, then the store's newest changes."""
         changes = self.trainer.pending_labels.changes()
         if self.held is not None:
@@ -344,7 +344,7 @@ class TrainerSession:
         """Every pending-store write, held ones included: the partitions are handed over (rebalance, clean stop)."""
         if self.held is not None:
             self._out.update(self.held.release_all())
-        return self._writes()
+        return self.writes()
 
     def _round_complete(self, round_id: str, size: int) -> bool:
         """Whether this frame is the last of its round to arrive (rounds kept open are bounded)."""
@@ -410,7 +410,7 @@ class TrainerSession:
     def sweep(self) -> tuple[Expired, dict[str, bytes | None]]:
         """Expire pending examples past their task's label TTL."""
         expired = self.trainer.pending_labels.sweep()
-        return [(e.id, e.to_json()) for e in expired], self._writes()
+        return [(e.id, e.to_json()) for e in expired], self.writes()
 
     def train(self) -> int:
         """Train on whatever the buffers hold; the steps taken (distributed: wakes the lockstep thread, 0)."""

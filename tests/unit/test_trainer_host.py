@@ -163,6 +163,9 @@ def test_labels_joined_after_the_checkpoint_are_learned_again_when_a_crash_repla
     session = TrainerSession(topo, store, replay=True)
     run(session, [(0, examples(["a", "b", "c", "d"])), (1, labels(["a", "b"]))])
     assert session.checkpoint() is not None  # learned up to offset 2: the joins of a and b go out
+    released = session.writes()  # what the worker's checkpoint timer writes right after the checkpoint
+    assert [orjson.loads(v) for k, v in released.items() if k.endswith(":joined")] == [[0, 1]]
+    changelog.update(released)
     run(session, [(2, labels(["c"]))])  # c is learned after the checkpoint …
     changelog.update(session.sweep()[1])
     assert session.trainer.pending_labels.counts["r0"]["joined"] == 3
