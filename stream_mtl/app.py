@@ -661,6 +661,8 @@ class Pipeline:
             return
         async with self._order_lock:
             new = {tp for tp in self.order.unknown(positions) if tp in self._task_partitions}
+            if self._replay_from:  # the replay reads each partition it names up to where Faust resumes it
+                new |= {tp for tp in self._replay_from if tp in self._task_partitions} - self.order.expected.keys()
             if new:  # newly assigned: their next frame is where the group committed (Faust resumes there)
                 committed = await committed_offsets(self.settings.bootstrap, self.app.conf.id, sorted(new))
                 self.order.start({tp: committed.get(tp, 0) for tp in new})
@@ -669,7 +671,7 @@ class Pipeline:
                 if new:
                     await self._restore_pending(new)
             if self._replay_from:  # taken at the first assignment
-                await self._replay_missed(positions)
+                await self._replay_missed()
             try:
                 await self._in_order(values, positions)
             except BaseException:
@@ -762,7 +764,7 @@ class Pipeline:
                 self.first_prediction_at = time.time()
         self.timings["predictions_send"] += time.perf_counter() - t0
 
-    async def _replay_missed(self, positions: list[tuple[str, int, int]]) -> None:
+    async def _replay_missed(self) -> None:
         """Once per task partition after a restart: the frames the resumed checkpoint had not learned, first.
 
         Faust resumes at the committed offsets: a frame is acknowledged once predicted and buffered, so what
@@ -775,23 +777,13 @@ class Pipeline:
         Partitions this worker loses before their first frame leave the replay (see ``on_assigned``).
         """
         assert self._replay_from is not None
-        # every assigned partition the checkpoint names, at once (one frame of each in turn): up to the first
-        # frame Faust gave us, or for those it has not yet, up to the committed offset it resumes from
-        first: dict[tuple[str, int], int] = {}
-        for topic, partition, offset in positions:
-            first.setdefault((topic, partition), offset)
-        named = [tp for tp in {*first, *self._task_partitions} if tp in self._replay_from]
-        unseen = [tp for tp in named if tp not in first]
-        ends = {
-            **(await committed_offsets(self.settings.bootstrap, self.app.conf.id, unseen) if unseen else {}),
-            **first,
-        }
+        # every assigned partition the checkpoint names, at once (one frame of each in turn), up to the committed
+        # offset Faust resumes it from (the frame order's expectation): frames from there on are Faust's to deliver
+        # (or, skipped, the frame order's to read and acknowledge); the replay's own are below the commit
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
-        for tp in named:
+        for tp in [tp for tp in self._task_partitions if tp in self._replay_from]:
             start = self._replay_from.pop(tp)
-            # not past the committed offset: frames from there on are Faust's to deliver (or, skipped, the frame
-            # order's to read and acknowledge); the replay's own are below the commit and need no ack
-            end = min(ends.get(tp, start), self.order.expected.get(tp, ends.get(tp, start)))
+            end = self.order.expected.get(tp, start)
             if start < end:
                 ranges[tp] = (start, end)
         replayed = 0
